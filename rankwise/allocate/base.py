@@ -98,6 +98,9 @@ class Allocator(ABC):
         self.generator = torch.Generator().manual_seed(seed)
         self.optimizer: torch.optim.Optimizer | None = None
         self.history: list[dict[str, Any]] = []
+        # Bumped by every physical resize: wrappers that hold parameter lists (DDP buckets, FSDP shards)
+        # compare it with the value they saw to know when to rebuild.
+        self.resize_version = 0
         self.modules: dict[str, LoraAdapter] = {n: a for n, _, a in adapter_modules(model, adapter_name)}
         if not self.modules:
             raise ValueError(f"The model has no adapter {adapter_name!r}; call rankwise.inject first.")
@@ -145,6 +148,7 @@ class Allocator(ABC):
         old = adapter.r
         remaps = adapter.resize(keep, add, **new)
         remap_optimizer(self.optimizer, remaps)
+        self.resize_version += 1
         if adapter.r != old:
             self.record(step, name, old, adapter.r, score)
 
