@@ -1,0 +1,213 @@
+"""Triton kernels for batched LoRA with heterogeneous ranks: a segmented shrink and expand over a packed pool.
+
+The math and the layout are specified by `lora_shrink_ref` / `lora_expand_ref` in `reference.py`, which these
+kernels must match (tests/serve/test_triton_lora.py). Tokens come grouped by adapter; each program handles one
+block of up to BLOCK_T tokens that share an adapter (a segment of a prefill, or the decode rows of one adapter),
+so an adapter's A and B are read once per block, never once per token, and each adapter reads exactly its own
+R_s rows: programs whose rank tile lies past R_s return at once (the grid is sized by the largest rank so that a
+CUDA graph can replay it for any mix of adapters, as S-LoRA's kernels do, but no memory is padded or read).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton's CPU interpreter (TRITON_INTERPRET=1, used by the CI parity tests) multiplies bf16 tiles wrongly in
+# tl.dot; there the operands are widened to float32 first (exact: bf16 values are exact in fp32).
+UPCAST = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr, UP: tl.constexpr):
+    """a @ b with float32 accumulation; IEEE: full fp32 precision (fp32 inputs), UP: widen to fp32 first."""
+    if UP:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr,        # (T, K) activations, model dtype
+    pool_ptr,     # (numel,) packed adapter weights, model dtype
+    y_ptr,        # (N, R_cap) float32 output
+    tok_ptr,      # (N,) int32 token of each grouped position
+    bstart_ptr,   # (NB,) int32 first position of the block
+    bend_ptr,     # (NB,) int32 one past its last position
+    bslot_ptr,    # (NB,) int32 adapter slot of the block, -1: none
+    offA_ptr,     # (S,) int64 offset of A_s (R_s, K) in the pool
+    rank_ptr,     # (S,) int64 R_s
+    K, stride_x, stride_y,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, UP: tl.constexpr,
+):
+    b = tl.program_id(0)
+    rb = tl.program_id(1)
+    slot = tl.load(bslot_ptr + b)
+    if slot < 0:
+        return
+    R = tl.load(rank_ptr + slot)
+    if rb * BLOCK_R >= R:
+        return
+    start = tl.load(bstart_ptr + b)
+    end = tl.load(bend_ptr + b)
+    offs_t = start + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < end
+    tok = tl.load(tok_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
+    offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    a_base = tl.load(offA_ptr + slot)
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        xt = tl.load(x_ptr + tok[:, None] * stride_x + offs_k[None, :],
+                     mask=mask_t[:, None] & mask_k[None, :], other=0.0)                        # (BLOCK_T, BLOCK_K)
+        at = tl.load(pool_ptr + a_base + offs_r[None, :].to(tl.int64) * K + offs_k[:, None],
+                     mask=mask_r[None, :] & mask_k[:, None], other=0.0)                        # (BLOCK_K, BLOCK_R)
+        acc += _mm(xt, at, IEEE, UP)
+    tl.store(y_ptr + offs_t[:, None].to(tl.int64) * stride_y + offs_r[None, :], acc,
+             mask=mask_t[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _lora_expand_kernel(
+    y_ptr,        # (N, R_cap) float32 from the shrink
+    out_ptr,      # (T, N_total) model dtype, updated in place
+    pool_ptr,     # (numel,)
+    tok_ptr, bstart_ptr, bend_ptr, bslot_ptr,
+    offB_ptr,     # (P, S) int64 offset of B_sp^T (r_sp, N_p)
+    rankB_ptr,    # (P, S) int64 r_sp
+    r0_ptr,       # (P, S) int64 first row of part p in y
+    scale_ptr,    # (P, S) float32
+    offG_ptr,     # (P, S) int64 DoRA factor g_sp (N_p,), -1: none
+    S, c1, c2, w0, w1, w2, stride_y, stride_out, NBLK_N,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr, UP: tl.constexpr,
+):
+    b = tl.program_id(0)
+    pid = tl.program_id(1)
+    slot = tl.load(bslot_ptr + b)
+    if slot < 0:
+        return
+    p = pid // NBLK_N
+    nb = pid % NBLK_N
+    r = tl.load(rankB_ptr + p * S + slot)
+    if r == 0:
+        return
+    width = tl.where(p == 0, w0, tl.where(p == 1, w1, w2))
+    if nb * BLOCK_N >= width:
+        return
+    c0 = tl.where(p == 0, 0, tl.where(p == 1, c1, c2))
+    start = tl.load(bstart_ptr + b)
+    end = tl.load(bend_ptr + b)
+    offs_t = start + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < end
+    tok = tl.load(tok_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < width
+    row0 = tl.load(r0_ptr + p * S + slot)
+    b_base = tl.load(offB_ptr + p * S + slot)
+    scale = tl.load(scale_ptr + p * S + slot)
+    g_off = tl.load(offG_ptr + p * S + slot)
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for j0 in range(0, r, BLOCK_R):
+        offs_j = j0 + tl.arange(0, BLOCK_R)
+        mask_j = offs_j < r
+        yt = tl.load(y_ptr + offs_t[:, None].to(tl.int64) * stride_y + row0 + offs_j[None, :],
+                     mask=mask_t[:, None] & mask_j[None, :], other=0.0)                         # (BLOCK_T, BLOCK_R)
+        bt = tl.load(pool_ptr + b_base + offs_j[:, None].to(tl.int64) * width + offs_n[None, :],
+                     mask=mask_j[:, None] & mask_n[None, :], other=0.0)                         # (BLOCK_R, BLOCK_N)
+        acc += _mm(yt.to(bt.dtype), bt, IEEE, UP)
+    o_ptrs = out_ptr + tok[:, None] * stride_out + c0 + offs_n[None, :]
+    mask = mask_t[:, None] & mask_n[None, :]
+    o = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32) + scale * acc
+    if g_off >= 0:
+        g = tl.load(pool_ptr + g_off + offs_n, mask=mask_n, other=1.0).to(tl.float32)
+        o = o * g[None, :]
+    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_blocks(tok_idx, blk_start, blk_end, blk_slot, device) -> None:
+    for name, t in (("tok_idx", tok_idx), ("blk_start", blk_start), ("blk_end", blk_end), ("blk_slot", blk_slot)):
+        if t.dtype != torch.int32 or t.dim() != 1 or t.device != device:
+            raise ValueError(f"{name}: expected a 1-D int32 tensor on {device}, got {tuple(t.shape)} {t.dtype} on "
+                             f"{t.device}; build it with rankwise.serve.lora_batch.build_lora_step.")
+    if not (blk_start.shape == blk_end.shape == blk_slot.shape):
+        raise ValueError(f"blk_start/blk_end/blk_slot lengths differ: {blk_start.shape[0]}, {blk_end.shape[0]}, "
+                         f"{blk_slot.shape[0]}; they describe the same blocks.")
+
+
+def lora_shrink(
+    x: torch.Tensor, pool: torch.Tensor, y: torch.Tensor, tok_idx: torch.Tensor, blk_start: torch.Tensor,
+    blk_end: torch.Tensor, blk_slot: torch.Tensor, offA: torch.Tensor, rankA: torch.Tensor, *,
+    max_rank: int, block_t: int = 16,
+) -> None:
+    """y[i, :R_s] = x[tok_idx[i]] @ A_s^T for every block with an adapter (see `lora_shrink_ref`).
+
+    x: (T, K); pool: (numel,) same dtype; y: (N, R_cap) float32 with R_cap >= max_rank; max_rank: the largest
+    R_s the grid must cover (a fixed number keeps a captured CUDA graph valid for any adapter mix)."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"x must be (tokens, in_features) with contiguous rows, got shape {tuple(x.shape)} "
+                         f"strides {x.stride()}.")
+    if pool.dtype != x.dtype or pool.dim() != 1:
+        raise ValueError(f"pool must be 1-D of x's dtype {x.dtype}, got {tuple(pool.shape)} {pool.dtype}.")
+    if y.dtype != torch.float32 or y.dim() != 2 or y.shape[1] < max_rank or y.stride(1) != 1:
+        raise ValueError(f"y must be a (N, >= {max_rank}) float32 buffer, got {tuple(y.shape)} {y.dtype}.")
+    _check_blocks(tok_idx, blk_start, blk_end, blk_slot, x.device)
+    if offA.dtype != torch.int64 or rankA.dtype != torch.int64 or offA.shape != rankA.shape:
+        raise ValueError(f"offA and rankA must be int64 of one shape (S,), got {offA.dtype} {tuple(offA.shape)} "
+                         f"and {rankA.dtype} {tuple(rankA.shape)}.")
+    NB = blk_slot.shape[0]
+    if NB == 0 or max_rank == 0:
+        return
+    BLOCK_R = 16
+    BLOCK_K = 128 if x.shape[1] >= 128 else max(16, triton.next_power_of_2(x.shape[1]))
+    grid = (NB, triton.cdiv(max_rank, BLOCK_R))
+    _lora_shrink_kernel[grid](
+        x, pool, y, tok_idx, blk_start, blk_end, blk_slot, offA, rankA,
+        x.shape[1], x.stride(0), y.stride(0),
+        BLOCK_T=block_t, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, IEEE=x.dtype == torch.float32, UP=UPCAST,
+    )
+
+
+def lora_expand(
+    y: torch.Tensor, out: torch.Tensor, pool: torch.Tensor, tok_idx: torch.Tensor, blk_start: torch.Tensor,
+    blk_end: torch.Tensor, blk_slot: torch.Tensor, part_cols: tuple[int, ...], offB: torch.Tensor,
+    rankB: torch.Tensor, r0: torch.Tensor, scale: torch.Tensor, offG: torch.Tensor, *, block_t: int = 16,
+) -> None:
+    """out[t, cols_p] = g_sp * (out[t, cols_p] + scale * y[i, r0:r0 + r_sp] @ B_sp^T), in place
+    (see `lora_expand_ref`). out: (T, N_total) with parts at `part_cols` (1 to 3 parts)."""
+    P = len(part_cols) - 1
+    if not 1 <= P <= 3 or part_cols[0] != 0 or part_cols[-1] != out.shape[1]:
+        raise ValueError(f"part_cols={part_cols}: need 2 to 4 boundaries from 0 to out's width {out.shape[1]}.")
+    if out.dim() != 2 or out.stride(1) != 1 or pool.dtype != out.dtype:
+        raise ValueError(f"out must be (tokens, N) with contiguous rows and pool's dtype {pool.dtype}; got "
+                         f"{tuple(out.shape)} strides {out.stride()} {out.dtype}.")
+    if y.dtype != torch.float32 or y.stride(1) != 1:
+        raise ValueError(f"y must be the float32 buffer the shrink wrote, got {y.dtype} strides {y.stride()}.")
+    _check_blocks(tok_idx, blk_start, blk_end, blk_slot, out.device)
+    S = offB.shape[-1]
+    for name, t, dt in (("offB", offB, torch.int64), ("rankB", rankB, torch.int64), ("r0", r0, torch.int64),
+                        ("scale", scale, torch.float32), ("offG", offG, torch.int64)):
+        if t.dtype != dt or tuple(t.shape) != (P, S) or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous ({P}, {S}) {dt} table, got {tuple(t.shape)} {t.dtype}.")
+    NB = blk_slot.shape[0]
+    if NB == 0:
+        return
+    widths = [part_cols[i + 1] - part_cols[i] for i in range(P)] + [0] * (3 - P)
+    cols = list(part_cols[1:P]) + [out.shape[1]] * (3 - P)
+    BLOCK_N = 128 if max(widths) >= 128 else max(16, triton.next_power_of_2(max(widths)))
+    nblk = triton.cdiv(max(widths), BLOCK_N)
+    grid = (NB, P * nblk)
+    _lora_expand_kernel[grid](
+        y, out, pool, tok_idx, blk_start, blk_end, blk_slot, offB, rankB, r0, scale, offG,
+        S, cols[0], cols[1], widths[0], widths[1], widths[2], y.stride(0), out.stride(0), nblk,
+        BLOCK_T=block_t, BLOCK_N=BLOCK_N, BLOCK_R=16, IEEE=out.dtype == torch.float32, UP=UPCAST,
+    )

@@ -1,0 +1,232 @@
+"""A Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2) over a paged KV cache, with batched LoRA.
+
+The weights come from a transformers model; the math follows its modeling code line for line (RMSNorm in
+float32, rotary tables taken from the model's own rotary module so any rope scaling is the same, SDPA scale
+head_dim^-0.5), so outputs match transformers up to the order of floating-point sums. Differences that are
+ours: q/k/v and gate/up run as one fused GEMM each, and every step works on a flat list of tokens:
+
+    prefill: tokens of whole prompts back to back; causal attention within each prompt
+    decode:  one token per batch row; paged attention over the row's cached tokens
+
+Per layer, with x: (T, hidden):
+    h = rms(x) ;  qkv = h W_qkv^T (+ LoRA) (+ b) ;  q, k <- rope(q, k) ;  cache <- k, v ;  a = attn(q, cache)
+    x = x + a W_o^T (+ LoRA) ;  h = rms(x) ;  g, u = h W_gu^T (+ LoRA) ;  x = x + (act(g) * u) W_d^T (+ LoRA)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rankwise.serve.kernels.reference import paged_decode_attention_ref
+from rankwise.serve.kv_cache import KVCache
+from rankwise.serve.lora_batch import LoraLayout, LoraStep, LoraTables, apply_lora
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    model_type: str
+    num_layers: int
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    rms_eps: float
+    hidden_act: str
+    max_positions: int
+    sliding_window: int | None
+
+    @property
+    def q_out(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_out(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def lora_layout(self) -> LoraLayout:
+        return LoraLayout.for_model(self.num_layers, self.hidden, self.q_out, self.kv_out, self.intermediate)
+
+
+def spec_from_config(cfg) -> ModelSpec:
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not supported by the serving engine; supported: "
+                         f"{list(SUPPORTED_MODEL_TYPES)} (Llama, SmolLM2, Mistral, Qwen2 checkpoints).")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    return ModelSpec(model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+                     getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, head_dim,
+                     cfg.intermediate_size, cfg.vocab_size, cfg.rms_norm_eps, cfg.hidden_act,
+                     cfg.max_position_embeddings, window)
+
+
+@dataclass
+class AttnBatch:
+    """How the step's tokens attend. slot_mapping: (T,) int64 cache slots the new keys/values go to.
+    Prefill: prefill_lens (python ints) split the tokens into prompts. Decode: block_tables (B, max_blocks)
+    int32 and context_lens (B,) int32 (0 for a padded row)."""
+
+    slot_mapping: torch.Tensor
+    prefill_lens: list[int] | None = None
+    block_tables: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
+
+
+@dataclass
+class LoraContext:
+    """Everything `apply_lora` needs besides the activations."""
+
+    step: LoraStep
+    tables: LoraTables
+    pool: torch.Tensor
+    layout: LoraLayout
+    max_lora_rank: int
+    backend: str
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaFamilyModel:
+    """Weights (fused per site) and the forward pass. Build with `from_hf`."""
+
+    def __init__(self, spec: ModelSpec, weights: dict[str, torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
+                 act, attention_backend: str):
+        self.spec = spec
+        self.w = weights
+        self.cos, self.sin = cos, sin  # (max_positions, head_dim) model dtype
+        self.act = act
+        self.attention_backend = attention_backend
+        self.scale = spec.head_dim ** -0.5
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w["embed"].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.w["embed"].device
+
+    @classmethod
+    def from_hf(cls, hf_model, dtype: torch.dtype, device: torch.device, attention_backend: str = "reference",
+                max_positions: int | None = None) -> "LlamaFamilyModel":
+        """Copy (and fuse) the weights of a transformers *ForCausalLM of the Llama family."""
+        from transformers.activations import ACT2FN
+
+        spec = spec_from_config(hf_model.config)
+        inner = hf_model.model
+
+        def t(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.detach().to(device=device, dtype=dtype).contiguous()
+
+        w: dict[str, torch.Tensor] = {"embed": t(inner.embed_tokens.weight), "norm": t(inner.norm.weight),
+                                      "lm_head": t(hf_model.lm_head.weight)}
+        for i, layer in enumerate(inner.layers):
+            att, mlp = layer.self_attn, layer.mlp
+            w[f"{i}.ln1"] = t(layer.input_layernorm.weight)
+            w[f"{i}.ln2"] = t(layer.post_attention_layernorm.weight)
+            w[f"{i}.qkv"] = torch.cat([t(att.q_proj.weight), t(att.k_proj.weight), t(att.v_proj.weight)]).contiguous()
+            if att.q_proj.bias is not None:
+                w[f"{i}.qkv_b"] = torch.cat([t(att.q_proj.bias), t(att.k_proj.bias), t(att.v_proj.bias)])
+            w[f"{i}.o"] = t(att.o_proj.weight)
+            if att.o_proj.bias is not None:
+                w[f"{i}.o_b"] = t(att.o_proj.bias)
+            w[f"{i}.gu"] = torch.cat([t(mlp.gate_proj.weight), t(mlp.up_proj.weight)]).contiguous()
+            if mlp.gate_proj.bias is not None:
+                w[f"{i}.gu_b"] = torch.cat([t(mlp.gate_proj.bias), t(mlp.up_proj.bias)])
+            w[f"{i}.d"] = t(mlp.down_proj.weight)
+            if mlp.down_proj.bias is not None:
+                w[f"{i}.d_b"] = t(mlp.down_proj.bias)
+        n = max_positions or spec.max_positions
+        rot = inner.rotary_emb
+        with torch.no_grad():
+            pos = torch.arange(n, device=rot.inv_freq.device)[None]
+            cos, sin = rot(torch.zeros(1, dtype=torch.float32, device=rot.inv_freq.device), pos)
+        return cls(spec, w, cos[0].to(device, dtype), sin[0].to(device, dtype), ACT2FN[spec.hidden_act],
+                   attention_backend)
+
+    def base_weight(self, layer: int, site: int, part: int) -> torch.Tensor:
+        """(out, in) weight of one module (for DoRA's norms)."""
+        key = ("qkv", "o", "gu", "d")[site]
+        cols = self.spec.lora_layout().part_cols[site]
+        return self.w[f"{layer}.{key}"][cols[part]: cols[part + 1]]
+
+    # ---- forward ---------------------------------------------------------------------------------------
+
+    def _linear(self, x: torch.Tensor, layer: int, site: int, key: str, lora: LoraContext | None) -> torch.Tensor:
+        out = x @ self.w[f"{layer}.{key}"].t()
+        if lora is not None:
+            apply_lora(site, layer, x, out, lora.step, lora.tables, lora.pool, lora.layout, lora.max_lora_rank,
+                       lora.backend)
+        bias = self.w.get(f"{layer}.{key}_b")
+        return out if bias is None else out + bias
+
+    def _attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVCache,
+                   attn: AttnBatch) -> torch.Tensor:
+        """q: (T, H, D), k, v: (T, H_kv, D) -> (T, H * D)."""
+        kv.write(layer, attn.slot_mapping, k, v)
+        T = q.shape[0]
+        if attn.prefill_lens is not None:
+            outs = []
+            start = 0
+            for n in attn.prefill_lens:
+                qs = q[start: start + n].transpose(0, 1)[None]   # (1, H, n, D)
+                ks = k[start: start + n].transpose(0, 1)[None]   # (1, H_kv, n, D)
+                vs = v[start: start + n].transpose(0, 1)[None]
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale,
+                                                   enable_gqa=ks.shape[1] != qs.shape[1])
+                outs.append(o[0].transpose(0, 1))                # (n, H, D)
+                start += n
+            return torch.cat(outs).reshape(T, -1)
+        if self.attention_backend == "triton":
+            from rankwise.serve.kernels.triton_attention import paged_decode_attention
+
+            o = paged_decode_attention(q, kv.k[layer], kv.v[layer], attn.block_tables, attn.context_lens, self.scale)
+        else:
+            o = paged_decode_attention_ref(q, kv.k[layer], kv.v[layer], attn.block_tables, attn.context_lens,
+                                           self.scale)
+        return o.reshape(T, -1)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, attn: AttnBatch,
+                lora: LoraContext | None = None) -> torch.Tensor:
+        """input_ids, positions: (T,) -> hidden states (T, hidden) after the final norm."""
+        s = self.spec
+        x = self.w["embed"][input_ids]                                   # (T, hidden)
+        cos = self.cos[positions][:, None, :]                            # (T, 1, D)
+        sin = self.sin[positions][:, None, :]
+        T = x.shape[0]
+        for i in range(s.num_layers):
+            h = _rms(x, self.w[f"{i}.ln1"], s.rms_eps)
+            qkv = self._linear(h, i, 0, "qkv", lora)                     # (T, q_out + 2 kv_out)
+            q = qkv[:, : s.q_out].view(T, s.num_heads, s.head_dim)
+            k = qkv[:, s.q_out: s.q_out + s.kv_out].view(T, s.num_kv_heads, s.head_dim)
+            v = qkv[:, s.q_out + s.kv_out:].view(T, s.num_kv_heads, s.head_dim)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            a = self._attention(i, q, k, v.contiguous(), kv, attn)       # (T, q_out)
+            x = x + self._linear(a, i, 1, "o", lora)
+            h = _rms(x, self.w[f"{i}.ln2"], s.rms_eps)
+            gu = self._linear(h, i, 2, "gu", lora)                       # (T, 2 * intermediate)
+            m = self.act(gu[:, : s.intermediate]) * gu[:, s.intermediate:]
+            x = x + self._linear(m, i, 3, "d", lora)
+        return _rms(x, self.w["norm"], s.rms_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, hidden) -> (n, vocab) float32."""
+        return (hidden @ self.w["lm_head"].t()).float()
