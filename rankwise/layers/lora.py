@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from rankwise.kernels.dispatch import fused_forward
 from rankwise.layers.adapter import LoraAdapter
 from rankwise.layers.base_kinds import BaseKind, kind_of, weight_out_in
 from rankwise.layers.dora import dora_combine, row_norm
@@ -96,6 +97,9 @@ class LoraLayer(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        fused = fused_forward(self, x, args, kwargs)  # CUDA fast path (rankwise/kernels); None: reference below
+        if fused is not None:
+            return fused
         result = self.base_layer(x, *args, **kwargs)
         name = self.active_adapter
         if self.disabled or name is None or name in self.merged:

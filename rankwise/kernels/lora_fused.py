@@ -1,0 +1,156 @@
+"""The fused adapter path: base GEMM + adapter in one autograd.Function, Triton kernels for the adapter.
+
+    LoRA:  y = x W^T + b + s (B' A (x ⊙ keep / (1 - p)) + b_lora)            (rankwise.kernels.reference)
+    DoRA:  y = f ⊙ (x W^T + s (B' A x + b_lora)) + b,   f = m / ||W + s B' A||_row, the norm a constant
+
+Why one Function: with a frozen base, what makes an adapter slow is not its arithmetic (~1% of the FLOPs) but
+memory traffic and what autograd keeps. Here
+- x is saved once (PEFT-style code also saves an fp32 copy, and a dropped copy with dropout);
+- dropout is a mask regenerated from a seed in each kernel (rankwise.kernels.dropout), never stored;
+- the adapter's products run in the activation dtype, reading the fp32 factors in registers (no casts of x);
+- the backward reuses h = dropout(x) A^T from the forward (M x r fp32, a few hundred KB) and writes the
+  adapter's share of dx into the base's dx in place;
+- DoRA's norms come from one read of W (rankwise.kernels.dora_norm), and its backward recovers
+  z = x W^T + s(...) from the saved output (z = (y - b) / f) instead of keeping a second activation.
+Forward: 1 cuBLAS GEMM + 2 kernels; backward: 1 GEMM + 4 kernels. No host synchronisation, no Python state
+between steps, so the layer works under torch.compile and CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from rankwise.kernels.dora_norm import dora_row_norm
+from rankwise.kernels.expand import lora_expand_
+from rankwise.kernels.reduce import lora_reduce
+from rankwise.kernels.shrink import lora_shrink
+
+# DoRA: a factor of exactly 0 (m = 0) is replaced by this, so z = (y - b) / f stays recoverable for dm.
+_TINY_FACTOR = 1e-12
+
+
+def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+    return None if grad is None or like is None else grad.to(like.dtype)
+
+
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, lora_bias, scale: float, p: float, seed):
+        out_features, in_features = weight.shape
+        x2 = x.reshape(-1, in_features)  # (M, in)
+        y = F.linear(x2, weight, bias)  # (M, out)
+        h = lora_shrink(x2, lora_A, scale=1.0 / (1.0 - p), seed=seed, p=p)  # (M, r) fp32 = dropout(x) A^T
+        lora_expand_(y, h, lora_B, scale=scale, bias=lora_bias)  # y += s (h B'^T + b_lora)
+        ctx.save_for_backward(x2, weight, lora_A, lora_B, lora_bias, h, seed)
+        ctx.scale, ctx.p, ctx.x_shape = scale, p, x.shape
+        return y.view(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, A, B, lora_bias, h, seed = ctx.saved_tensors
+        s, p = ctx.scale, ctx.p
+        need_x, _, _, need_A, need_B, need_lb = ctx.needs_input_grad[:6]
+        dy2 = dy.reshape(-1, weight.shape[0])  # (M, out)
+        dx = dA = dB = dlb = None
+        if need_x or need_A:
+            dh = lora_shrink(dy2, B.t(), scale=s)  # (M, r) fp32 = s dy B'
+        if need_B or need_lb:
+            dB, colsum, _ = lora_reduce(dy2, h, scale=s, colsum=need_lb)  # (out, r) = s dy^T h
+            dlb = None if colsum is None else colsum * s
+        if need_A:
+            dA, _, _ = lora_reduce(x2, dh, scale=1.0 / (1.0 - p), seed=seed, p=p, transpose=True)  # (r, in)
+        if need_x:
+            dx = dy2 @ weight  # (M, in)
+            lora_expand_(dx, dh, A.t(), scale=1.0 / (1.0 - p), seed=seed, p=p)  # dx += (dh A) ⊙ keep / (1-p)
+            dx = dx.view(ctx.x_shape)
+        return dx, None, None, _cast(dA, A), _cast(dB, B), _cast(dlb, lora_bias), None, None, None
+
+
+class _DoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, lora_bias, factor, scale: float):
+        out_features, in_features = weight.shape
+        f = factor.detach()
+        f = torch.where(f == 0, torch.full_like(f, _TINY_FACTOR), f)  # (out,)
+        x2 = x.reshape(-1, in_features)  # (M, in)
+        y = F.linear(x2, weight)  # (M, out) = x W^T, the base bias is added by the kernel after the factor
+        h = lora_shrink(x2, lora_A)  # (M, r) fp32
+        lora_expand_(y, h, lora_B, scale=scale, bias=lora_bias, f=f, post_bias=bias)
+        ctx.save_for_backward(x2, weight, bias, lora_A, lora_B, lora_bias, h, f, y)
+        ctx.scale, ctx.x_shape = scale, x.shape
+        return y.view(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, bias, A, B, lora_bias, h, f, y = ctx.saved_tensors
+        s = ctx.scale
+        need_x, _, _, need_A, need_B, need_lb, need_f = ctx.needs_input_grad[:7]
+        dy2 = dy.reshape(-1, weight.shape[0])  # (M, out); dz = dy ⊙ f is never materialised
+        dx = dA = dB = dlb = df = None
+        if need_x or need_A:
+            dh = lora_shrink(dy2, (B * f[:, None]).t(), scale=s)  # (M, r) = s (dy ⊙ f) B'
+        if need_B or need_lb or need_f:
+            want_colsum = need_lb or (need_f and bias is not None)
+            P, colsum, dotsum = lora_reduce(dy2, h, scale=s, colsum=want_colsum, dot_with=y if need_f else None)
+            dB = P * f[:, None] if need_B else None  # s (dy ⊙ f)^T h
+            dlb = colsum * f * s if need_lb else None
+            if need_f:  # sum_t dy z with z = (y - b) / f
+                df = (dotsum if bias is None else dotsum - bias.float() * colsum) / f
+        if need_A:
+            dA, _, _ = lora_reduce(x2, dh, transpose=True)  # (r, in)
+        if need_x:
+            # (dy ⊙ f) W, scaling whichever of dy (M, out) and W (out, in) is smaller; computed in fp32.
+            if x2.shape[0] >= weight.shape[1]:
+                dx = dy2 @ torch.mul(weight, f[:, None], out=torch.empty_like(weight))
+            else:
+                dx = torch.mul(dy2, f, out=torch.empty_like(dy2)) @ weight
+            lora_expand_(dx, dh, A.t())  # dx += dh A
+            dx = dx.view(ctx.x_shape)
+        return dx, None, None, _cast(dA, A), _cast(dB, B), _cast(dlb, lora_bias), df, None
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight (out, in) = {tuple(weight.shape)} expects {in_features}.")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"x is {x.dtype} but the base weight is {weight.dtype}; cast one of them (or use autocast "
+                         "with the reference path).")
+    if lora_A.shape[1] != in_features or lora_B.shape != (out_features, lora_A.shape[0]):
+        raise ValueError(f"lora_A {tuple(lora_A.shape)} / lora_B {tuple(lora_B.shape)} do not fit a "
+                         f"({out_features}, {in_features}) weight: need (r, {in_features}) / ({out_features}, r).")
+
+
+def fused_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    lora_bias: torch.Tensor | None = None,
+    p: float = 0.0,
+    seed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x: (..., in), weight: (out, in) frozen, lora_A: (r, in), lora_B: (out, r) with diag(e) folded in,
+    seed: (1,) int64 on x's device when p > 0. Returns (..., out); see the module docstring."""
+    _check(x, weight, lora_A, lora_B)
+    return _LoraLinear.apply(x, weight, bias, lora_A, lora_B, lora_bias, float(scale), float(p), seed)
+
+
+def fused_dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scale: float,
+    magnitude: torch.Tensor,
+    lora_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DoRA without dropout; magnitude: (out,). Gradients reach magnitude through f = m / norm."""
+    _check(x, weight, lora_A, lora_B)
+    norm = dora_row_norm(weight, lora_A.detach(), lora_B.detach() * scale)  # (out,) fp32, no grad
+    factor = magnitude / norm
+    return _DoraLinear.apply(x, weight, bias, lora_A, lora_B, lora_bias, factor, float(scale))
