@@ -1,8 +1,8 @@
 """Gradient (activation) checkpointing for adapter training, safe under DDP and FSDP2.
 
-transformers' `activation_checkpointing_enable` (`gradient_checkpointing_enable` in older transformers
-versions) recomputes each block's forward during backward instead of storing its activations. rankwise always asks for the non-reentrant implementation
-(`torch.utils.checkpoint(use_reentrant=False)`):
+transformers' `activation_checkpointing_enable` (`gradient_checkpointing_enable` in older versions)
+recomputes each block's forward during backward instead of storing its activations. rankwise always asks
+for the non-reentrant implementation (`torch.utils.checkpoint(use_reentrant=False)`):
 - the reentrant one runs a second backward inside the first, so DDP's hooks fire twice for the same
   parameters ("Expected to mark a variable ready only once", PEFT #663 / #1745 with AdaLoRA under torchrun);
 - the reentrant one gives no gradient to the adapters of a block whose input does not require grad, which
