@@ -21,7 +21,7 @@ class EngineConfig:
 
     max_num_seqs: rows of the running batch (requests decoded together).
     max_num_batched_tokens: prompt tokens one prefill step may take (a longer prompt runs alone).
-    max_model_len: prompt + generated tokens of one request.
+    max_model_len: prompt + generated tokens of one request (0: the model's limit, at most 4096).
     block_size: tokens per KV-cache block; num_kv_blocks: blocks in the cache (0: derive from
         `kv_cache_memory_gb`, or from max_num_seqs * max_model_len when that is 0 too).
     max_gpu_adapters: adapters resident on the device at once (slots); lora_pool_mb: the device buffer that
@@ -35,7 +35,7 @@ class EngineConfig:
 
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 4096
-    max_model_len: int = 2048
+    max_model_len: int = 0
     block_size: int = 16
     num_kv_blocks: int = 0
     kv_cache_memory_gb: float = 0.0
@@ -53,7 +53,9 @@ class EngineConfig:
     decode_buckets: tuple[int, ...] = field(default=())
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size",
+        _check(isinstance(self.max_model_len, int) and self.max_model_len >= 0,
+               f"EngineConfig.max_model_len={self.max_model_len!r}: must be an integer >= 0 (0 = the model's limit).")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size",
                      "max_gpu_adapters", "max_host_adapters", "max_lora_rank", "max_queue"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, f"EngineConfig.{name}={value!r}: must be an integer >= 1.")

@@ -1,0 +1,129 @@
+"""The persistent batch: device buffers that hold the running rows between steps, and decode CUDA graphs.
+
+A request keeps its row from admission to the end, so a decode step needs no per-step host-to-device copy:
+the next input token is the previous step's sample (written on the device), positions advance on the device,
+and the slot each new key/value goes to is computed on the device from the block table. The host uploads only
+what changed: a new block for a row (every `block_size` tokens) and, when the set of rows changes, the active
+mask, sampling settings and the LoRA grouping of the rows. That makes a decode step a fixed sequence of kernels
+on fixed buffers, which is captured once per (padded batch size, LoRA on/off) as a CUDA graph and replayed;
+kernels that depend on lengths (paged attention, LoRA blocks) read them from the device, so one graph serves
+any lengths and any adapter mix.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rankwise.serve.lora_batch import LoraStep, plan_blocks
+from rankwise.serve.model import AttnBatch, LlamaFamilyModel, LoraContext
+from rankwise.serve.scheduler import Scheduler
+
+
+class BatchState:
+    def __init__(self, model: LlamaFamilyModel, kv, lora_ctx: dict | None, max_num_seqs: int, max_blocks: int,
+                 block_t: int, r_cap: int, use_graphs: bool):
+        R, dev = max_num_seqs, model.device
+        self.model, self.kv, self.R, self.block_t = model, kv, R, block_t
+        self.lora_ctx = lora_ctx  # tables, pool, layout, max_lora_rank, backend (no step)
+        self.tokens = torch.zeros(R, dtype=torch.int64, device=dev)        # (R,) next input token of each row
+        self.positions = torch.zeros(R, dtype=torch.int64, device=dev)     # (R,) its position
+        self.active = torch.zeros(R, dtype=torch.bool, device=dev)
+        self.block_tables = torch.zeros((R, max_blocks), dtype=torch.int32, device=dev)
+        self.temperature = torch.zeros(R, dtype=torch.float32, device=dev)
+        self.top_p = torch.ones(R, dtype=torch.float32, device=dev)
+        self.l_meta = torch.zeros((4, R), dtype=torch.int32, device=dev)   # tok_idx, blk_start, blk_end, blk_slot
+        self.l_y = torch.zeros((R, r_cap), dtype=torch.float32, device=dev)
+        self.version = -1
+        self.any_lora = False
+        self.all_greedy = True
+        self.use_graphs = use_graphs
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None
+
+    # ---- host -> device updates ------------------------------------------------------------------------
+
+    def sync(self, scheduler: Scheduler) -> None:
+        """Upload new blocks and, if the set of rows changed, the per-row settings and LoRA grouping."""
+        if scheduler.block_updates:
+            rows, cols, vals = zip(*scheduler.block_updates)
+            upd = torch.tensor([rows, cols, vals], dtype=torch.int64).to(self.block_tables.device, non_blocking=True)
+            self.block_tables[upd[0], upd[1]] = upd[2].to(torch.int32)
+            scheduler.block_updates.clear()
+        if scheduler.version == self.version:
+            return
+        self.version = scheduler.version
+        R = self.R
+        active, temp, top_p, slots = [False] * R, [0.0] * R, [1.0] * R, [-1] * R
+        for seq in scheduler.running:
+            active[seq.row], temp[seq.row], top_p[seq.row], slots[seq.row] = (
+                True, seq.params.temperature, seq.params.top_p, seq.slot)
+        order, starts, ends, blk_slots = plan_blocks(slots, self.block_t, num_blocks=R)
+        self.l_meta.copy_(torch.tensor([order, starts, ends, blk_slots], dtype=torch.int32), non_blocking=True)
+        self.active.copy_(torch.tensor(active), non_blocking=True)
+        self.temperature.copy_(torch.tensor(temp, dtype=torch.float32), non_blocking=True)
+        self.top_p.copy_(torch.tensor(top_p, dtype=torch.float32), non_blocking=True)
+        self.any_lora = any(s >= 0 for s in slots)
+        self.all_greedy = all(t == 0.0 for t, a in zip(temp, active) if a)
+
+    def set_rows(self, rows: list[int], blocks: list[list[int]]) -> None:
+        """Write the block tables of newly admitted rows."""
+        table = torch.zeros((len(rows), self.block_tables.shape[1]), dtype=torch.int32)
+        for i, b in enumerate(blocks):
+            table[i, : len(b)] = torch.tensor(b, dtype=torch.int32)
+        idx = torch.tensor(rows, dtype=torch.int64)
+        self.block_tables[idx.to(self.block_tables.device)] = table.to(self.block_tables.device)
+
+    # ---- decode ----------------------------------------------------------------------------------------
+
+    def _decode_forward(self, B: int, lora: bool) -> torch.Tensor:
+        """Logits (B, vocab) of rows [0, B); only device tensors, no host synchronisation (graph-safe)."""
+        bs = self.kv.block_size
+        pos = self.positions[:B]
+        active = self.active[:B]
+        tables = self.block_tables[:B]
+        block = tables.gather(1, (pos // bs)[:, None])[:, 0].to(torch.int64)
+        slot_mapping = torch.where(active, block * bs + pos % bs, pos % bs)  # idle rows write to scratch block 0
+        context_lens = torch.where(active, pos + 1, 0).to(torch.int32)
+        attn = AttnBatch(slot_mapping, block_tables=tables, context_lens=context_lens)
+        ctx = None
+        if lora:
+            step = LoraStep(self.l_meta[0, :B], self.l_meta[1, :B], self.l_meta[2, :B], self.l_meta[3, :B],
+                            self.l_y[:B], self.block_t)
+            ctx = LoraContext(step=step, **self.lora_ctx)
+        hidden = self.model.forward(self.tokens[:B], pos, self.kv, attn, ctx)
+        return self.model.logits(hidden)
+
+    def decode_logits(self, B: int) -> torch.Tensor:
+        key = (B, self.any_lora and self.lora_ctx is not None)
+        if not self.use_graphs:
+            return self._decode_forward(*key)
+        if key not in self.graphs:
+            self.capture(*key)
+        graph, out = self.graphs[key]
+        graph.replay()
+        return out
+
+    def capture(self, B: int, lora: bool) -> None:
+        """Record the decode step of batch size B as a CUDA graph (after warm-up runs that compile kernels).
+        The warm-up writes keys/values only where the step itself will write them (or to the scratch block)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._decode_forward(B, lora)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            out = self._decode_forward(B, lora)
+        self.graphs[(B, lora)] = (graph, out)
+
+    def advance(self, B: int, next_tokens: torch.Tensor) -> None:
+        """After a decode step: each active row's next input is its sample, at the next position."""
+        active = self.active[:B]
+        self.tokens[:B] = torch.where(active, next_tokens, self.tokens[:B])
+        self.positions[:B] += active.to(torch.int64)
+
+    def start_rows(self, rows: torch.Tensor, next_tokens: torch.Tensor, lengths: torch.Tensor) -> None:
+        """After a prefill: row r continues from its first sample at position len(prompt)."""
+        self.tokens[rows] = next_tokens
+        self.positions[rows] = lengths
