@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import tempfile
@@ -16,10 +17,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, fn, args, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, fn, args, out_dir: str, timeout_s: float = 300.0) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    # A bounded timeout turns a collective that one process never reaches into an error, not a hung test.
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world,
+                                         timeout=datetime.timedelta(seconds=timeout_s))
     try:
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
@@ -27,9 +30,10 @@ def _worker(rank: int, world: int, port: int, fn, args, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def run_distributed(fn, world: int = 2, args: tuple = ()) -> list:
-    """fn(rank, world, *args) must be a module-level function; its return value must be torch.save-able."""
+def run_distributed(fn, world: int = 2, args: tuple = (), timeout_s: float = 300.0) -> list:
+    """fn(rank, world, *args) must be a module-level function; its return value must be torch.save-able.
+    timeout_s bounds each collective (gloo raises instead of waiting forever)."""
     with tempfile.TemporaryDirectory() as d:
-        mp.start_processes(_worker, args=(world, _free_port(), fn, args, d), nprocs=world, join=True,
+        mp.start_processes(_worker, args=(world, _free_port(), fn, args, d, timeout_s), nprocs=world, join=True,
                            start_method="spawn")
         return [torch.load(os.path.join(d, f"{r}.pt"), weights_only=False) for r in range(world)]
