@@ -145,7 +145,7 @@ class Engine:
         self._by_id: dict[str, Sequence] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
-        self.counters = {"requests_finished": 0, "requests_failed": 0, "generated_tokens": 0, "prompt_tokens": 0,
+        self.counters = {"requests_finished": 0, "requests_failed": 0, "requests_aborted": 0, "generated_tokens": 0, "prompt_tokens": 0,
                          "steps_prefill": 0, "steps_decode": 0}
 
     @classmethod
@@ -320,7 +320,8 @@ class Engine:
         if finished:
             with self._lock:
                 self._by_id.pop(seq.request_id, None)
-            self.counters["requests_failed" if seq.finish_reason == "error" else "requests_finished"] += 1
+            key = {"error": "requests_failed", "abort": "requests_aborted"}.get(seq.finish_reason, "requests_finished")
+            self.counters[key] += 1
             if seq.text is None and self.tokenizer is not None and seq.output_ids:
                 ids = seq.output_ids
                 if seq.finish_reason == "stop" and ids[-1] in self.eos_token_ids:
@@ -332,6 +333,19 @@ class Engine:
         if seq.on_output is not None:
             seq.on_output(out)
         return out
+
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every request with an error (after the device step raised); the engine can take new ones."""
+        self._inflight.clear()
+        with self._lock:
+            seqs = list(self._by_id.values())
+            self._intake.clear()
+        outputs = []
+        for seq in seqs:
+            if seq.status is not Status.FINISHED:
+                self.scheduler.finish(seq, "error", error=message)
+                outputs.append(self._report(seq, []))
+        return outputs
 
     # ---- convenience ------------------------------------------------------------------------------------
 

@@ -119,6 +119,7 @@ class Scheduler:
                 except AdapterError as exc:
                     self.waiting.remove(seq)
                     self._finish(seq, "error", error=str(exc))
+                    self.finished_now.append(seq)
                     continue
                 if slot is None:
                     continue  # still loading or no free device slot: let later requests go first
@@ -188,5 +189,3 @@ class Scheduler:
         seq.finish_reason, seq.error = reason, error
         seq.finish_time = time.perf_counter()
         seq.epoch += 1
-        if reason == "error":
-            self.finished_now.append(seq)
