@@ -297,3 +297,104 @@ def test_conv1d_base_through_fused_path():
     (y_f, g_f), (y_r, g_r) = _both_paths(layer, torch.randn(3, 24, device=DEV))
     assert rel(y_f, y_r) < 1e-5 and all(rel(a, b) < 1e-5 for a, b in zip(g_f, g_r))
     assert transformers is not None
+
+
+# ---- real sizes, torch.compile and CUDA graphs (GPU machine) ----------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("K,N,r,p", [(2048, 8192, 16, 0.0), (8192, 2048, 64, 0.05), (2048, 512, 128, 0.0)])
+def test_real_sizes_bf16(K, N, r, p):
+    torch.manual_seed(10)
+    M = 4096
+    x, W, b, A, B, _ = lora_inputs(M, K, N, r, torch.bfloat16, bias=False, lora_bias=False)
+    with torch.no_grad():
+        B.mul_(0.02)
+    seed = seed_tensor(5) if p else None
+    y = fused_lora_linear(x, W, None, A, B, 2.0, None, p, seed)
+    dy = torch.randn_like(y)
+    got = grads(y, (x, A, B), dy)
+    keep = dropout_keep_mask(seed, M, K, p) if p else None
+    x6, A6, B6 = f64(x, A, B)
+    ref = lora_linear_ref(x6, W.double(), None, A6, B6, 2.0, None, keep, p)
+    assert rel(y, ref) < 1e-2
+    for name, g, r_ in zip("x A B".split(), got, grads(ref, (x6, A6, B6), dy.double())):
+        assert rel(g, r_) < 1e-2, name
+
+
+@pytest.mark.gpu
+def test_real_size_dora_bf16():
+    torch.manual_seed(11)
+    x, W, _, A, B, _ = lora_inputs(4096, 2048, 2048, 16, torch.bfloat16, bias=False, lora_bias=False)
+    with torch.no_grad():
+        B.mul_(0.02)
+    m = (torch.linalg.vector_norm(W.float(), dim=1) * (1 + 0.1 * torch.rand(2048, device=DEV))).requires_grad_()
+    y = fused_dora_linear(x, W, None, A, B, 2.0, m)
+    dy = torch.randn_like(y)
+    got = grads(y, (x, A, B, m), dy)
+    x6, A6, B6, m6 = f64(x, A, B, m)
+    ref = dora_linear_ref(x6, W.double(), None, A6, B6, 2.0, m6)
+    assert rel(y, ref) < 1e-2
+    for name, g, r_ in zip("x A B m".split(), got, grads(ref, (x6, A6, B6, m6), dy.double())):
+        assert rel(g, r_) < 1e-2, name
+
+
+def _gpu_layer(use_dora=False, dropout=0.0):
+    torch.manual_seed(12)
+    base = nn.Linear(1024, 1536, bias=False).to(DEV, torch.bfloat16).requires_grad_(False)
+    layer = rankwise.LoraLayer(base)
+    adapter = layer.add_adapter("default", 16, 32.0, use_dora=use_dora, dropout=dropout)
+    with torch.no_grad():
+        adapter.lora_B.normal_(std=0.02)
+    return layer.train()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["lora", "dropout", "dora"])
+def test_compiles_without_graph_breaks(kind):
+    layer = _gpu_layer(use_dora=kind == "dora", dropout=0.1 if kind == "dropout" else 0.0)
+    x = torch.randn(4, 256, 1024, device=DEV, dtype=torch.bfloat16)
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.manual_seed(0)
+    y_c = compiled(x)
+    y_c.float().square().mean().backward()
+    g_c = [p.grad.clone() for p in layer.parameters() if p.requires_grad]
+    layer.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    y_e = layer(x)
+    y_e.float().square().mean().backward()
+    g_e = [p.grad for p in layer.parameters() if p.requires_grad]
+    assert rel(y_c, y_e) < 1e-2 and all(rel(a, b) < 1e-2 for a, b in zip(g_c, g_e))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["lora", "dropout", "dora"])
+def test_cuda_graph_capture_of_a_training_step(kind):
+    layer = _gpu_layer(use_dora=kind == "dora", dropout=0.1 if kind == "dropout" else 0.0)
+    x = torch.randn(2048, 1024, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def step():
+        for p in params:
+            p.grad = None
+        x.grad = None
+        layer(x).float().square().mean().backward()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    replayed = [p.grad.clone() for p in params] + [x.grad.clone()]
+    if kind == "dropout":  # each replay draws a new seed on the device: a new mask, no host involved
+        graph.replay()
+        again = [p.grad.clone() for p in params] + [x.grad.clone()]
+        assert all(torch.isfinite(a).all() for a in again)
+        assert all(rel(a, b) > 1e-3 for a, b in zip(replayed[:-1], again[:-1]))  # the adapter's gradients
+        return
+    step()
+    eager = [p.grad for p in params] + [x.grad]
+    assert all(rel(a, b) < 1e-2 for a, b in zip(replayed, eager))
