@@ -221,6 +221,8 @@ class Engine:
             outputs.append(self._report(seq, []))
         self.scheduler.finished_now.clear()
         launched = self._launch(plan) if plan is not None else None
+        if launched is None and not self._inflight and self.scheduler.waiting:
+            time.sleep(0.001)  # waiting only for adapters on their way up: let the loader threads run
         if self._inflight:
             outputs += self._process(self._inflight.popleft())
         if launched is not None:

@@ -1,7 +1,13 @@
 """Shared fixtures for the serving tests: a tiny Llama and PEFT-written adapters of different ranks."""
 
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter (read when the kernels are defined)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from tiny_models import tiny_llama
 

@@ -1,0 +1,148 @@
+"""Triton kernels against the pure-PyTorch references: small sizes in the CPU interpreter (CI), real Llama-3.2-1B
+sizes on a GPU (`-m gpu`)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from rankwise.serve.kernels.reference import lora_expand_ref, lora_shrink_ref, paged_decode_attention_ref  # noqa: E402
+from rankwise.serve.lora_batch import plan_blocks  # noqa: E402
+
+
+def _pool_case(K, parts, ranks, dora, dtype, device, seed=0):
+    """A pool holding len(ranks) adapters for one site with `parts` output widths; ranks[s][p] (0 = absent)."""
+    g = torch.Generator().manual_seed(seed)
+    S, P = len(ranks), len(parts)
+    chunks, cursor = [], 0
+    offA = torch.zeros(S, dtype=torch.int64)
+    rankA = torch.zeros(S, dtype=torch.int64)
+    offB = torch.zeros(P, S, dtype=torch.int64)
+    rankB = torch.zeros(P, S, dtype=torch.int64)
+    r0 = torch.zeros(P, S, dtype=torch.int64)
+    offG = torch.full((P, S), -1, dtype=torch.int64)
+    scale = torch.rand(P, S, generator=g) + 0.5
+    for s, rs in enumerate(ranks):
+        R = sum(rs)
+        offA[s], rankA[s] = cursor, R
+        chunks.append(torch.randn(R * K, generator=g) / K ** 0.5)
+        cursor += R * K + 64
+        chunks.append(torch.zeros(64))
+        row = 0
+        for p, r in enumerate(rs):
+            offB[p, s], rankB[p, s], r0[p, s] = cursor, r, row
+            chunks.append(torch.randn(r * parts[p], generator=g))
+            cursor += r * parts[p]
+            row += r
+            if dora and r:
+                offG[p, s] = cursor
+                chunks.append(torch.rand(parts[p], generator=g) + 0.5)
+                cursor += parts[p]
+    pool = torch.cat(chunks).to(dtype)
+    assert pool.numel() == cursor
+    t = lambda x: x.to(device)  # noqa: E731
+    return t(pool), t(offA), t(rankA), t(offB), t(rankB), t(r0), t(scale.contiguous()), t(offG)
+
+
+def _run_lora(T, K, parts, ranks, token_slots, block_t, dtype, device, dora=True):
+    from rankwise.serve.kernels.triton_lora import lora_expand, lora_shrink
+
+    pool, offA, rankA, offB, rankB, r0, scale, offG = _pool_case(K, parts, ranks, dora, dtype, device)
+    cols = tuple([0] + list(torch.tensor(parts).cumsum(0).tolist()))
+    order, st, en, sl = plan_blocks(token_slots, block_t, num_blocks=len(token_slots) + 2)
+    meta = [torch.tensor(a, dtype=torch.int32, device=device) for a in (order, st, en, sl)]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, K, generator=g).to(device, dtype)
+    r_cap = max(sum(r) for r in ranks)
+    y_k = torch.zeros(T, r_cap, device=device)
+    y_r = torch.zeros(T, r_cap, device=device)
+    lora_shrink(x, pool, y_k, *meta, offA, rankA, max_rank=r_cap, block_t=block_t)
+    lora_shrink_ref(x, pool, y_r, *meta, offA, rankA)
+    out0 = torch.randn(T, cols[-1], generator=g).to(device, dtype)
+    out_k, out_r = out0.clone(), out0.clone()
+    lora_expand(y_k, out_k, pool, *meta, cols, offB, rankB, r0, scale, offG, block_t=block_t)
+    lora_expand_ref(y_r, out_r, pool, *meta, cols, offB, rankB, r0, scale, offG)
+    used = torch.tensor([s >= 0 for s in token_slots], device=device)
+    return y_k, y_r, out_k, out_r, out0, used
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_kernels_match_reference_interpreter(dtype):
+    # qkv-like site: 3 parts of unequal width; 4 adapters with unequal and partly absent ranks; tokens interleaved
+    ranks = [[4, 2, 0], [16, 8, 8], [1, 0, 3], [0, 0, 0]]
+    slots = [0, 1, 1, -1, 2, 0, 1, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2]  # one adapter spans 2 blocks
+    y_k, y_r, out_k, out_r, out0, used = _run_lora(len(slots), 48, (32, 16, 16), ranks, slots, 16, dtype, "cpu")
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for t, s in enumerate(slots):
+        if s >= 0 and sum(ranks[s]):
+            pos = plan_blocks(slots, 16)[0].index(t)
+            R = sum(ranks[s])
+            torch.testing.assert_close(y_k[pos, :R], y_r[pos, :R], atol=tol, rtol=tol)
+    torch.testing.assert_close(out_k.float(), out_r.float(), atol=tol * 10, rtol=tol)
+    assert torch.equal(out_k[~used], out0[~used]), "tokens without an adapter must be left untouched"
+    assert (out_r.float() - out0.float()).abs().max() > 0.1, "the adapters must change the output"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_matches_reference_interpreter(dtype):
+    from rankwise.serve.kernels.triton_attention import paged_decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, D, bs, NB = 4, 8, 2, 16, 4, 100
+    q = torch.randn(B, H, D, generator=g).to(dtype)
+    k = torch.randn(NB, bs, Hkv, D, generator=g).to(dtype)
+    v = torch.randn(NB, bs, Hkv, D, generator=g).to(dtype)
+    tables = torch.randperm(NB - 1, generator=g)[: B * 24].add(1).view(B, 24).to(torch.int32)
+    lens = torch.tensor([1, 0, 70, 93], dtype=torch.int32)  # crosses several 64-token tiles; one empty row
+    out = paged_decode_attention(q, k, v, tables, lens, D ** -0.5)
+    ref = paged_decode_attention_ref(q, k, v, tables, lens, D ** -0.5)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    assert torch.all(out[1] == 0)
+
+
+def test_launchers_reject_bad_inputs():
+    from rankwise.serve.kernels.triton_attention import paged_decode_attention
+    from rankwise.serve.kernels.triton_lora import lora_shrink
+
+    x = torch.randn(4, 8)
+    i32 = torch.zeros(4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="pool must be 1-D"):
+        lora_shrink(x, torch.zeros(10, dtype=torch.bfloat16), torch.zeros(4, 8), i32, i32, i32, i32,
+                    torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), max_rank=8)
+    with pytest.raises(ValueError, match="tok_idx"):
+        lora_shrink(x, torch.zeros(10), torch.zeros(4, 8), i32.long(), i32, i32, i32,
+                    torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), max_rank=8)
+    with pytest.raises(ValueError, match="head_dim=12"):
+        paged_decode_attention(torch.randn(1, 2, 12), torch.randn(3, 4, 2, 12), torch.randn(3, 4, 2, 12),
+                               torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 1.0)
+
+
+# ---- real sizes on the GPU -------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("site", ["qkv", "gate_up", "down"])
+def test_lora_kernels_real_sizes_gpu(site):
+    # Llama-3.2-1B: hidden 2048, kv 512, intermediate 8192; 32 decode rows of mixed adapters + a 300-token prefill
+    K, parts = {"qkv": (2048, (2048, 512, 512)), "gate_up": (2048, (8192, 8192)), "down": (8192, (2048,))}[site]
+    cycle = [8, 16, 32, 64]
+    ranks = [[cycle[(s + p) % 4] for p in range(len(parts))] for s in range(40)]
+    slots = [s % 40 for s in range(32)] + [-1] * 3 + [7] * 300
+    y_k, y_r, out_k, out_r, out0, used = _run_lora(len(slots), K, parts, ranks, slots, 16, torch.bfloat16, "cuda")
+    torch.testing.assert_close(out_k.float(), out_r.float(), atol=6e-2, rtol=2e-2)
+    assert torch.equal(out_k[~used], out0[~used])
+
+
+@pytest.mark.gpu
+def test_paged_attention_real_sizes_gpu():
+    from rankwise.serve.kernels.triton_attention import paged_decode_attention
+
+    B, H, Hkv, D, bs, NB = 32, 32, 8, 64, 16, 2100
+    q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(NB, bs, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(NB, bs, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    tables = (torch.randperm(NB - 1, device="cuda")[: B * 64].add(1).view(B, 64)).to(torch.int32)
+    lens = torch.randint(1, 1024, (B,), device="cuda", dtype=torch.int32)
+    out = paged_decode_attention(q, k, v, tables, lens, D ** -0.5)
+    ref = paged_decode_attention_ref(q, k, v, tables, lens, D ** -0.5)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
