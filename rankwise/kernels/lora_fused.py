@@ -23,7 +23,10 @@ from torch.nn import functional as F
 
 from rankwise.kernels.dora_norm import dora_row_norm
 from rankwise.kernels.expand import lora_expand_
+from rankwise.kernels.lora_backward import DH_ATOMIC_MAX_COLUMNS, lora_grad_dy, lora_grad_x_
+from rankwise.kernels.lora_forward import MAX_RANK, lora_forward_
 from rankwise.kernels.reduce import lora_reduce
+from rankwise.kernels.reference import dora_row_norm_ref
 from rankwise.kernels.shrink import lora_shrink
 
 # DoRA: a factor of exactly 0 (m = 0) is replaced by this, so z = (y - b) / f stays recoverable for dm.
@@ -34,14 +37,57 @@ def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor 
     return None if grad is None or like is None else grad.to(like.dtype)
 
 
+def _adapter_forward(x2, y, A, B, scale, lora_bias, f, post_bias, seed, p):
+    """y (M, out) <- ((y + s (dropout(x) A^T B^T + b_lora)) * f) + post_bias in place; returns h (M, r) fp32."""
+    if A.shape[0] <= MAX_RANK:
+        return lora_forward_(x2, A, B, y, scale=scale, lora_bias=lora_bias, f=f, post_bias=post_bias, seed=seed, p=p)
+    h = lora_shrink(x2, A, scale=1.0 / (1.0 - p), seed=seed, p=p)  # ranks > 128: two passes
+    lora_expand_(y, h, B, scale=scale, bias=lora_bias, f=f, post_bias=post_bias)
+    return h
+
+
+def _adapter_backward(dy2, x2, h, A, B_f, scale, seed, p, dx, y, *, need_A, need_B, need_lb, need_dot):
+    """Gradients of the adapter part: (dA (r, in), dB (out, r) = s dy^T h, colsum (out,) of dy, dotsum (out,) of
+    dy ⊙ y); B_f = B diag(e) (times DoRA's f) gives dh = s dy B_f. dx (M, in), if given, gets += dh A in place."""
+    (M, N), (R, K) = dy2.shape, A.shape
+    need_dh = dx is not None or need_A
+    want_colsum = need_lb
+    dev = dy2.device
+    if R > MAX_RANK:  # ranks > 128: one pass per product
+        dh = lora_shrink(dy2, B_f.t(), scale=scale) if need_dh else None
+        dB = colsum = dotsum = dA = None
+        if need_B or want_colsum or need_dot:
+            dB, colsum, dotsum = lora_reduce(dy2, h, scale=scale, colsum=want_colsum,
+                                             dot_with=y if need_dot else None)
+        if need_A:
+            dA, _, _ = lora_reduce(x2, dh, scale=1.0 / (1.0 - p), seed=seed, p=p, transpose=True)
+        if dx is not None:
+            lora_expand_(dx, dh, A.t(), scale=1.0 / (1.0 - p), seed=seed, p=p)
+        return dA, dB, colsum, dotsum
+    # One zeroed fp32 buffer for every atomically accumulated output: dh, dB, dA, colsum, dotsum.
+    atomic_dh = need_dh and N <= DH_ATOMIC_MAX_COLUMNS
+    sizes = [M * R if atomic_dh else 0, N * R if need_B else 0, R * K if need_A else 0,
+             N if want_colsum else 0, N if need_dot else 0]
+    flat = torch.zeros(sum(sizes), dtype=torch.float32, device=dev)
+    dh_buf, dB, dA, colsum, dotsum = (part if n else None for part, n in zip(flat.split(sizes), sizes))
+    dh = dh_buf.view(M, R) if atomic_dh else (lora_shrink(dy2, B_f.t(), scale=scale) if need_dh else None)
+    dB = None if dB is None else dB.view(N, R)
+    dA = None if dA is None else dA.view(R, K)
+    if atomic_dh or need_B or want_colsum or need_dot:
+        lora_grad_dy(dy2, h if need_B else None, B_f if atomic_dh else None, scale=scale,
+                     dh=dh if atomic_dh else None, db=dB, colsum=colsum, y=y if need_dot else None, dotsum=dotsum)
+    if need_dh:
+        lora_grad_x_(x2 if need_A else None, dh, A, dx=dx, da=dA, seed=seed, p=p)
+    return dA, dB, colsum, dotsum
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, lora_bias, scale: float, p: float, seed):
         out_features, in_features = weight.shape
         x2 = x.reshape(-1, in_features)  # (M, in)
         y = F.linear(x2, weight, bias)  # (M, out)
-        h = lora_shrink(x2, lora_A, scale=1.0 / (1.0 - p), seed=seed, p=p)  # (M, r) fp32 = dropout(x) A^T
-        lora_expand_(y, h, lora_B, scale=scale, bias=lora_bias)  # y += s (h B'^T + b_lora)
+        h = _adapter_forward(x2, y, lora_A, lora_B, scale, lora_bias, None, None, seed, p)  # (M, r) fp32
         ctx.save_for_backward(x2, weight, lora_A, lora_B, lora_bias, h, seed)
         ctx.scale, ctx.p, ctx.x_shape = scale, p, x.shape
         return y.view(*x.shape[:-1], out_features)
@@ -49,21 +95,13 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, weight, A, B, lora_bias, h, seed = ctx.saved_tensors
-        s, p = ctx.scale, ctx.p
         need_x, _, _, need_A, need_B, need_lb = ctx.needs_input_grad[:6]
         dy2 = dy.reshape(-1, weight.shape[0])  # (M, out)
-        dx = dA = dB = dlb = None
-        if need_x or need_A:
-            dh = lora_shrink(dy2, B.t(), scale=s)  # (M, r) fp32 = s dy B'
-        if need_B or need_lb:
-            dB, colsum, _ = lora_reduce(dy2, h, scale=s, colsum=need_lb)  # (out, r) = s dy^T h
-            dlb = None if colsum is None else colsum * s
-        if need_A:
-            dA, _, _ = lora_reduce(x2, dh, scale=1.0 / (1.0 - p), seed=seed, p=p, transpose=True)  # (r, in)
-        if need_x:
-            dx = dy2 @ weight  # (M, in)
-            lora_expand_(dx, dh, A.t(), scale=1.0 / (1.0 - p), seed=seed, p=p)  # dx += (dh A) ⊙ keep / (1-p)
-            dx = dx.view(ctx.x_shape)
+        dx = dy2 @ weight if need_x else None  # (M, in); the adapter adds its share in place
+        dA, dB, colsum, _ = _adapter_backward(dy2, x2, h, A, B, ctx.scale, seed, ctx.p, dx, None,
+                                              need_A=need_A, need_B=need_B, need_lb=need_lb, need_dot=False)
+        dlb = None if colsum is None else colsum * ctx.scale
+        dx = None if dx is None else dx.view(ctx.x_shape)
         return dx, None, None, _cast(dA, A), _cast(dB, B), _cast(dlb, lora_bias), None, None, None
 
 
@@ -75,8 +113,7 @@ class _DoraLinear(torch.autograd.Function):
         f = torch.where(f == 0, torch.full_like(f, _TINY_FACTOR), f)  # (out,)
         x2 = x.reshape(-1, in_features)  # (M, in)
         y = F.linear(x2, weight)  # (M, out) = x W^T, the base bias is added by the kernel after the factor
-        h = lora_shrink(x2, lora_A)  # (M, r) fp32
-        lora_expand_(y, h, lora_B, scale=scale, bias=lora_bias, f=f, post_bias=bias)
+        h = _adapter_forward(x2, y, lora_A, lora_B, scale, lora_bias, f, bias, None, 0.0)
         ctx.save_for_backward(x2, weight, bias, lora_A, lora_B, lora_bias, h, f, y)
         ctx.scale, ctx.x_shape = scale, x.shape
         return y.view(*x.shape[:-1], out_features)
@@ -87,26 +124,21 @@ class _DoraLinear(torch.autograd.Function):
         s = ctx.scale
         need_x, _, _, need_A, need_B, need_lb, need_f = ctx.needs_input_grad[:7]
         dy2 = dy.reshape(-1, weight.shape[0])  # (M, out); dz = dy ⊙ f is never materialised
-        dx = dA = dB = dlb = df = None
-        if need_x or need_A:
-            dh = lora_shrink(dy2, (B * f[:, None]).t(), scale=s)  # (M, r) = s (dy ⊙ f) B'
-        if need_B or need_lb or need_f:
-            want_colsum = need_lb or (need_f and bias is not None)
-            P, colsum, dotsum = lora_reduce(dy2, h, scale=s, colsum=want_colsum, dot_with=y if need_f else None)
-            dB = P * f[:, None] if need_B else None  # s (dy ⊙ f)^T h
-            dlb = colsum * f * s if need_lb else None
-            if need_f:  # sum_t dy z with z = (y - b) / f
-                df = (dotsum if bias is None else dotsum - bias.float() * colsum) / f
-        if need_A:
-            dA, _, _ = lora_reduce(x2, dh, transpose=True)  # (r, in)
-        if need_x:
-            # (dy ⊙ f) W, scaling whichever of dy (M, out) and W (out, in) is smaller; computed in fp32.
+        dx = None
+        if need_x:  # (dy ⊙ f) W, scaling whichever of dy (M, out) and W (out, in) is smaller; computed in fp32
             if x2.shape[0] >= weight.shape[1]:
                 dx = dy2 @ torch.mul(weight, f[:, None], out=torch.empty_like(weight))
             else:
                 dx = torch.mul(dy2, f, out=torch.empty_like(dy2)) @ weight
-            lora_expand_(dx, dh, A.t())  # dx += dh A
-            dx = dx.view(ctx.x_shape)
+        dA, P, colsum, dotsum = _adapter_backward(
+            dy2, x2, h, A, B * f[:, None], s, None, 0.0, dx, y, need_A=need_A, need_B=need_B,
+            need_lb=need_lb or (need_f and bias is not None), need_dot=need_f)
+        dB = P * f[:, None] if need_B else None  # s (dy ⊙ f)^T h
+        dlb = colsum * f * s if need_lb else None
+        df = None
+        if need_f:  # sum_t dy z with z = (y - b) / f
+            df = (dotsum if bias is None else dotsum - bias.float() * colsum) / f
+        dx = None if dx is None else dx.view(ctx.x_shape)
         return dx, None, None, _cast(dA, A), _cast(dB, B), _cast(dlb, lora_bias), df, None
 
 
@@ -151,6 +183,10 @@ def fused_dora_linear(
 ) -> torch.Tensor:
     """DoRA without dropout; magnitude: (out,). Gradients reach magnitude through f = m / norm."""
     _check(x, weight, lora_A, lora_B)
-    norm = dora_row_norm(weight, lora_A.detach(), lora_B.detach() * scale)  # (out,) fp32, no grad
+    with torch.no_grad():  # (out,) fp32, a constant in backward
+        if lora_A.shape[0] <= MAX_RANK:
+            norm = dora_row_norm(weight, lora_A, lora_B * scale)
+        else:
+            norm = dora_row_norm_ref(weight, lora_A, lora_B, scale)
     factor = magnitude / norm
     return _DoraLinear.apply(x, weight, bias, lora_A, lora_B, lora_bias, factor, float(scale))
