@@ -49,7 +49,8 @@ from torch import nn
 from rankwise.inject import freeze_base
 from rankwise.io.peft import ExportedModule, save_adapter
 from rankwise.layers.scaling import lora_scale
-from rankwise.merge.compress import COMPUTE_DTYPE, check_criteria, lowrank_svd, select_rank, split_factors
+from rankwise.merge.compress import (COMPUTE_DTYPE, check_criteria, dense_truncated, lowrank_svd, select_rank,
+                                     split_factors)
 from rankwise.merge.terms import (AdapterTerms, _most_common, base_weight, check_fits, dir_terms,
                                   install_adapter, model_terms)
 from rankwise.model import adapter_names, lora_layers
@@ -112,29 +113,32 @@ def _concat(present: Present, options: CombineOptions, scale_for: ScaleFor, floo
     return A, B / s, s
 
 
-def _truncated(U, S, Vh, present: Present, options: CombineOptions, scale_for: ScaleFor, floor: int):
-    """Keep k components of U diag(S) Vh; k from the options, else the largest input rank."""
-    rank = options.rank
-    if rank is None and options.energy is None:
-        rank = max(t.r for _, t in present)
-    k = select_rank(S, rank, options.energy, floor)
+def _target_rank(present: Present, options: CombineOptions) -> int | None:
+    """The rank cap: `rank`, else none when `energy` decides, else the largest input rank."""
+    if options.rank is None and options.energy is None:
+        return max(t.r for _, t in present)
+    return options.rank
+
+
+def _svd(present: Present, options: CombineOptions, scale_for: ScaleFor, floor: int):
+    U, S, Vh = lowrank_svd(*_stacked(present))  # (out, q), (q,), (q, in)
+    k = select_rank(S, _target_rank(present, options), options.energy, floor)
     s = scale_for(k)
     A, B = split_factors(U, S, Vh, k, s)
     return A, B, s
 
 
-def _svd(present: Present, options: CombineOptions, scale_for: ScaleFor, floor: int):
-    U, S, Vh = lowrank_svd(*_stacked(present))
-    return _truncated(U, S, Vh, present, options, scale_for, floor)
-
-
 def _ties(present: Present, options: CombineOptions, scale_for: ScaleFor, floor: int):
     deltas = [(t.B.to(COMPUTE_DTYPE) * t.scale) @ t.A.to(COMPUTE_DTYPE) for _, t in present]  # each (out, in)
     density = TIES_DEFAULT_DENSITY if options.density is None else options.density
-    merged = ties_merge(deltas, [w for w, _ in present], density, options.majority_sign)
+    merged = ties_merge(deltas, [w for w, _ in present], density, options.majority_sign)  # (out, in)
     del deltas
-    U, S, Vh = torch.linalg.svd(merged, full_matrices=False)  # (out, q), (q,), (q, in)
-    return _truncated(U, S, Vh, present, options, scale_for, floor)
+    A, B, _ = dense_truncated(merged, _target_rank(present, options), options.energy, floor)
+    U, S, Vh = lowrank_svd(A, B)  # the rank-k result as an SVD, to split it evenly
+    k = A.shape[0]
+    s = scale_for(k)
+    A, B = split_factors(U, S, Vh, k, s)
+    return A, B, s
 
 
 _METHODS: dict[str, Method] = {"linear": _concat, "cat": _concat, "svd": _svd, "ties": _ties}

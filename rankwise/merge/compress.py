@@ -49,6 +49,27 @@ def lowrank_svd(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return Q_B @ U_c, S, Vh_c @ Q_A.t()
 
 
+def dense_truncated(
+    D: torch.Tensor, rank: int | None, energy: float | None, floor: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best rank-k factors of a dense D (out, in): (A (k, in), B (out, k), S (q,)) with B @ A = D_k.
+
+    With p the smaller side, the Gram matrix M M^T (p x p, M = D or D^T) has eigenvectors U and
+    eigenvalues S^2; D_k = U_k U_k^T M (transposed back). Far cheaper than a full SVD of D, and the
+    projection needs no division by small singular values. k as in `select_rank`."""
+    D = D.to(COMPUTE_DTYPE)
+    tall = D.shape[0] > D.shape[1]
+    M = D.t() if tall else D  # (p, n), p <= n
+    evals, vecs = torch.linalg.eigh(M @ M.t())  # ascending
+    S = evals.flip(0).clamp(min=0).sqrt()  # (p,)
+    k = select_rank(S, rank, energy, floor)
+    U_k = vecs.flip(1)[:, :k]  # (p, k)
+    left, right = U_k, U_k.t() @ M  # M_k = left @ right
+    if tall:
+        left, right = right.t(), left.t()
+    return right, left, S
+
+
 def energy_rank(S: torch.Tensor, energy: float) -> int:
     """Smallest k with sum_{i<k} S_i^2 >= energy * sum_i S_i^2 (S descending); 0 when S is all zero."""
     sq = S.to(COMPUTE_DTYPE) ** 2

