@@ -8,13 +8,13 @@ builds a new DDP over the same module instead (cheap: only a few MB of adapters 
 optimizer was already remapped by the allocator (`rankwise.optim.remap_optimizer`), so its state carries over.
 
 What one forward does:
-    1. structure signature = (allocator.resize_version, shapes and identities of trainable parameters);
-       when it changed since the last wrap:
-         a. check that every process has the same adapter shapes (one tiny all-reduce), else raise: an
-            allocator decided differently on different processes (its scores were not reduced);
-         b. build DDP(module, init_sync=True) ignoring frozen parameters, buffers and zero-size adapters:
-            DDP broadcasts the trainable parameters from process 0, which also makes newly grown components
-            (initialised from each process's own random state) identical everywhere;
+    1. signature = (allocator.resize_version, identities and shapes of the trainable parameters);
+       one all-reduce of 3 integers checks that every process holds the same shapes (else it raises: the
+       allocator decided differently on different processes, e.g. from unreduced scores) and tells every
+       process whether any of them saw the signature change; if so, all of them
+         build DDP(module, init_sync=True) ignoring frozen parameters, buffers and zero-size adapters:
+         DDP broadcasts the trainable parameters from process 0, which also makes newly grown components
+         (initialised from each process's own random state) identical everywhere;
     2. return ddp(*args, **kwargs).
 
 DDP options: find_unused_parameters=False (every non-empty adapter takes part in every forward; rank-0
@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from rankwise.distributed.env import DistEnv, current_env
 from rankwise.distributed.fsdp import shard_frozen_base
+from rankwise.model import lora_layers
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -62,7 +63,8 @@ class ParallelConfig:
         until backward (faster, more memory).
     bucket_cap_mb: DDP gradient bucket size (None: DDP's default, 25 MB).
     find_unused_parameters: for models whose forward skips some trainable parameters (costs a graph walk).
-    check_structure: before each forward that follows a shape change, verify that all processes agree.
+    check_structure: before each forward, verify that all processes hold the same adapter shapes (one
+        all-reduce of 3 integers); False skips it and trusts the allocator to decide identically everywhere.
     """
 
     strategy: str = "auto"
@@ -118,6 +120,7 @@ class ParallelModel:
         self.rewraps = 0  # how many times DDP was (re)built: 1 + number of shape changes seen
         self._ddp: DDP | None = None
         self._signature: tuple | None = None
+        self._checked = False  # structure already synchronised for the next forward (set by no_sync)
         if self.strategy == "fsdp":
             dtype = DTYPES[self.config.fsdp_param_dtype] if self.config.fsdp_param_dtype else None
             self.sharded_blocks = shard_frozen_base(
@@ -131,21 +134,26 @@ class ParallelModel:
 
     # ---- calls -----------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.env.distributed and self._current_signature() != self._signature:
-            self.rewrap()
+        if self.env.distributed and not self._checked:
+            self._sync_structure()
+        self._checked = False
         return (self._ddp or self.module)(*args, **kwargs)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Accumulate gradients locally (micro-steps of gradient accumulation); the next backward outside
         the block all-reduces the sum. Shape changes must not happen inside the block."""
-        if self.env.distributed and self._current_signature() != self._signature:
-            self.rewrap()
-        if self._ddp is None:
-            yield
-        else:
-            with self._ddp.no_sync():
+        if self.env.distributed:
+            self._sync_structure()
+            self._checked = True  # the forward inside the block need not check again
+        try:
+            if self._ddp is None:
                 yield
+            else:
+                with self._ddp.no_sync():
+                    yield
+        finally:
+            self._checked = False
 
     def train(self, mode: bool = True) -> "ParallelModel":
         self.module.train(mode)
@@ -171,26 +179,31 @@ class ParallelModel:
                 "first, or use strategy='fsdp' for a model that does not fit one device."
             )
 
-    def _verify_same_structure(self) -> None:
-        """All processes must hold adapters of the same shapes; a cheap max/min all-reduce of a checksum."""
-        shapes = repr([(n, tuple(p.shape)) for n, p in self._trainable()]).encode()
-        h = zlib.crc32(shapes)
-        t = torch.tensor([h, -h], dtype=torch.int64, device=self.env.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        if int(t[0]) != -int(t[1]):
-            ranks = getattr(self.allocator, "ranks", None)
-            raise RuntimeError(
-                f"Process {self.env.rank} holds adapter shapes that differ from another process's (this "
-                f"process's ranks: {ranks}). The allocator made different decisions on different processes: "
-                "its scores must be averaged with rankwise.allocate.all_reduce_mean before deciding, and any "
-                "randomness must come from its seeded generator."
-            )
+    def _sync_structure(self) -> None:
+        """Rebuild DDP when the trainable parameters changed on any process; with `check_structure`, first
+        make sure every process holds the same shapes (one all-reduce of 3 integers), so that a process
+        that resized alone fails with an explanation instead of hanging in mismatched collectives."""
+        changed = self._current_signature() != self._signature
+        if self.config.check_structure:
+            shapes = repr([(n, tuple(p.shape)) for n, p in self._trainable()]).encode()
+            h = zlib.crc32(shapes)
+            t = torch.tensor([h, -h, int(changed)], dtype=torch.int64, device=self.env.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            if int(t[0]) != -int(t[1]):
+                ranks = {f"{n}[{a}]": ad.r for n, layer in lora_layers(self.module) for a, ad in layer.adapters.items()}
+                raise RuntimeError(
+                    f"Process {self.env.rank} holds adapter shapes that differ from another process's (this "
+                    f"process's ranks: {ranks}). The allocator made different decisions on different processes: "
+                    "its scores must be averaged with rankwise.allocate.all_reduce_mean before deciding, and any "
+                    "randomness must come from its seeded generator."
+                )
+            changed = bool(t[2])
+        if changed:
+            self.rewrap()
 
     def rewrap(self) -> None:
         """Build a fresh DDP over `module` for the current trainable parameters (see the module docstring).
         Collective: every process must call it at the same point."""
-        if self.config.check_structure:
-            self._verify_same_structure()
         self._ddp = None  # drop the old wrapper first: its reducer holds the old buckets and hooks
         trainable = self._trainable()
         ignore = [n for n, p in self.module.named_parameters() if not p.requires_grad or p.numel() == 0]
