@@ -132,7 +132,7 @@ class AdapterCache:
         names = set(self._entries)
         if self.adapter_dir is not None and self.adapter_dir.is_dir():
             for p in self.adapter_dir.iterdir():
-                if NAME_RE.match(p.name) and (p / CONFIG_NAME).is_file():
+                if NAME_RE.match(p.name) and p.resolve().parent == self.adapter_dir and (p / CONFIG_NAME).is_file():
                     names.add(p.name)
         return sorted(names)
 

@@ -75,6 +75,7 @@ class EngineRunner:
     def _loop(self) -> None:
         while not self._stop:
             if not self.engine.has_work():
+                self.engine.adapters.poll()  # pinned adapters move up even while no request runs
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
@@ -116,6 +117,24 @@ class AdapterBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     name: str
     pin: bool = False
+
+
+class _StatusCounter:
+    """Pure ASGI middleware counting responses by status (BaseHTTPMiddleware would hide client disconnects)."""
+
+    def __init__(self, app, counts: dict):
+        self.app, self.counts = app, counts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.counts[message["status"]] = self.counts.get(message["status"], 0) + 1
+            await send(message)
+
+        return await self.app(scope, receive, counting_send)
 
 
 def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
@@ -171,11 +190,7 @@ def create_app(engine: Engine, served_model_name: str = "base", runner: EngineRu
     async def _api_error(request, exc: APIError):
         return _error(exc.status, exc.message, exc.kind)
 
-    @app.middleware("http")
-    async def _count(request, call_next):
-        response = await call_next(request)
-        metrics.http[response.status_code] = metrics.http.get(response.status_code, 0) + 1
-        return response
+    app.add_middleware(_StatusCounter, counts=metrics.http)
 
     def adapter_of(model: str) -> str | None:
         return None if model == served_model_name else model

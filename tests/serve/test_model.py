@@ -1,0 +1,55 @@
+"""The engine's own forward equals transformers' for each supported family (prefill then paged decode)."""
+
+import pytest
+import torch
+
+from rankwise.serve.kv_cache import KVCache
+from rankwise.serve.model import AttnBatch, LlamaFamilyModel, spec_from_config
+
+
+def _tiny(family: str):
+    import transformers as tf
+
+    common = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    if family == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**common, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                  "original_max_position_embeddings": 16})).eval()
+    if family == "qwen2":  # q/k/v biases
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, tie_word_embeddings=True)).eval()
+    return tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=None)).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_prefill_and_decode_logits_equal_transformers(family):
+    hf = _tiny(family)
+    if family == "qwen2":
+        with torch.no_grad():
+            for layer in hf.model.layers:
+                layer.self_attn.q_proj.bias.normal_()
+    model = LlamaFamilyModel.from_hf(hf, torch.float32, torch.device("cpu"))
+    s = model.spec
+    kv = KVCache(s.num_layers, 12, 4, s.num_kv_heads, s.head_dim, torch.float32, torch.device("cpu"))
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    tables = torch.tensor([[3, 1, 7], [2, 9, 4]], dtype=torch.int32)
+    slot = lambda b, p: int(tables[b, p // 4]) * 4 + p % 4  # noqa: E731
+    n = 7
+    hidden = model.forward(torch.cat([ids[0, :n], ids[1, :n]]), torch.arange(n).repeat(2), kv,
+                           AttnBatch(torch.tensor([slot(b, p) for b in range(2) for p in range(n)]), [n, n]))
+    torch.testing.assert_close(model.logits(hidden).view(2, n, -1), ref[:, :n], atol=1e-5, rtol=1e-5)
+    for p in range(n, 11):
+        hidden = model.forward(ids[:, p], torch.tensor([p, p]), kv,
+                               AttnBatch(torch.tensor([slot(0, p), slot(1, p)]), block_tables=tables,
+                                         context_lens=torch.tensor([p + 1, p + 1], dtype=torch.int32)))
+        torch.testing.assert_close(model.logits(hidden), ref[:, p], atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_family_names_the_supported_ones():
+    from transformers import GPT2Config
+
+    with pytest.raises(ValueError, match=r"'gpt2' is not supported.*'llama', 'mistral', 'qwen2'"):
+        spec_from_config(GPT2Config())
