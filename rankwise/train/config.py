@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rankwise.train.defaults import DEFAULT_ALLOCATOR, DEFAULT_BUDGET
+
 SCHEDULERS = ("linear", "cosine", "constant")
 HEADER_MODES = ("auto", "yes", "no")
 FORMATS = ("auto", "tsv", "csv", "json", "jsonl")
@@ -50,10 +52,10 @@ class TrainConfig:
     max_eval_samples: int | None = field(default=None, **_help("use only the first N evaluation rows"))
 
     # ---- method ----------------------------------------------------------------------------------------
-    method: str = field(default="fixed", **_help("rank allocator: fixed or an adaptive one "
-                                                 "(rankwise.allocate.available_allocators())"))
+    method: str = field(default=DEFAULT_ALLOCATOR, **_help("rank allocator: fixed or an adaptive one "
+                                                           "(rankwise.allocate.available_allocators())"))
     init: str = field(default="default", **_help("adapter initialiser (rankwise.init.available_initializers())"))
-    budget: str = field(default="r8", **_help("trainable adapter parameters ('300k', '1.2M') or average rank ('r8')"))
+    budget: str = field(default=DEFAULT_BUDGET, **_help("trainable adapter parameters ('300k', '1.2M') or average rank ('r8')"))
     init_rank: int | None = field(default=None, **_help("rank at injection (default: 2x the budget's average rank "
                                                         "for adaptive methods, the budget's rank for fixed)"))
     alpha: float | None = field(default=None, **_help("LoRA alpha (default: 2 x init_rank)"))
