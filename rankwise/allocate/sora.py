@@ -1,0 +1,194 @@
+"""SoRA: a trainable gate per rank, sparsified by a proximal L1 step; zero-gated ranks are removed.
+
+Ding et al., "Sparse Low-rank Adaptation of Pre-trained Language Models", EMNLP 2023 (arXiv:2311.11696).
+
+    dW x = s * B (g * (A x))        A: (r_max, in), B: (out, r_max), gate g = rank_vector (r_max,), init 1
+
+The gate trains with the rest (through the user's optimizer); after every optimizer step
+
+    g <- sign(g) * max(|g| - tau_t, 0),      tau_t = xi * m_t * lr_t / lr_0
+
+is the proximal step of an L1 penalty. xi (~3e-4, the reference code's constant threshold) is the threshold at
+the peak learning rate: the reference code subtracts xi unscaled, the paper's proximal-gradient form
+subtracts lr * lambda. We scale by lr_t / lr_0 (the gate's param-group learning rate over its `initial_lr`),
+which equals the reference code under a constant learning rate and follows a warm-up / decay schedule like a
+proximal gradient method should (`scale_by_lr=False` gives the reference code's constant xi).
+
+Making the soft budget hard (our design; the paper's budget is only what xi happens to give):
+- m_t is a multiplier on xi: every `check_every` steps after the warm-up, if the parameters of the ranks with
+  g != 0 exceed b(t), a cubic schedule from the initial parameters down to the Budget (`budget.cubic_schedule`),
+  m <- m * xi_growth, otherwise m <- 1 (an immediate release: all gates shrink at the same rate, so a slow
+  release lets them cross zero together and overshoot far below the budget). This is the schedule that
+  raises xi.
+- when the final phase starts (the last `final_steps` steps) the ranks with the largest |g| that fit the Budget
+  are kept and the others removed (`select_components`; zero gates go first), m returns to 1, and the last
+  steps train the final structure; `finalize` removes every zero gate and caps again, so the exported adapter
+  never exceeds the Budget.
+- ranks whose gate is exactly 0 are physically removed every `check_every` steps, but never below b(t): the
+  zero gates with the largest |dL/dg| stay and may revive (the paper drops zero gates only at export, so they
+  can always revive; removal saves compute). `finalize` removes every zero gate.
+Decisions use |g| and |dL/dg| averaged over processes: a rank is dropped only where its gate is 0 in every
+process.
+At export the gates fold into B (B' = B diag(g)), a plain LoRA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rankwise.allocate.adalora import check_state_ranks, resolve_steps
+from rankwise.allocate.base import Allocator, AllocatorConfig, all_reduce_mean, register_allocator
+from rankwise.allocate.budget import cubic_schedule, select_components
+
+
+@dataclass
+class SoraConfig(AllocatorConfig):
+    """xi: L1 threshold per step at the peak learning rate; scale_by_lr: tau follows the learning rate;
+    check_every: steps between dropping zero gates and adjusting m; warmup_steps (None: 10% of total_steps)
+    and final_steps (None: 20%) shape the parameter schedule; xi_growth: factor on m per check; max_xi_mult."""
+
+    xi: float = 3e-4
+    scale_by_lr: bool = True
+    check_every: int = 10
+    warmup_steps: int | None = None
+    final_steps: int | None = None
+    xi_growth: float = 1.5
+    max_xi_mult: float = 1e4
+
+    def __post_init__(self) -> None:
+        if self.xi < 0:
+            raise ValueError(f"SoraConfig.xi={self.xi!r} must be >= 0 (reference: 1e-4 to 1e-3).")
+        if self.check_every < 1:
+            raise ValueError(f"SoraConfig.check_every={self.check_every!r} must be >= 1 step.")
+        for key in ("warmup_steps", "final_steps"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise ValueError(f"SoraConfig.{key}={getattr(self, key)!r} must be >= 0 or None.")
+        if self.xi_growth < 1 or self.max_xi_mult < 1:
+            raise ValueError(
+                f"SoraConfig: xi_growth={self.xi_growth!r} and max_xi_mult={self.max_xi_mult!r} must be >= 1 "
+                "(1 turns the budget-driven schedule off)."
+            )
+
+
+@register_allocator
+class Sora(Allocator):
+    """SoRA with a hard parameter budget; the adapter's injected ranks are r_max."""
+
+    name = "sora"
+    Config = SoraConfig
+
+    def __init__(self, model, budget, config=None, **kwargs) -> None:
+        super().__init__(model, budget, config, **kwargs)
+        cfg: SoraConfig = self.config
+        for adapter in self.modules.values():
+            adapter.enable_rank_vector(1.0).data.fill_(1.0)
+        self.warmup = resolve_steps(cfg.warmup_steps, 0.1, self.total_steps)
+        self.final = resolve_steps(cfg.final_steps, 0.2, self.total_steps)
+        if self.warmup + self.final >= self.total_steps:
+            raise ValueError(
+                f"SoRA: warmup_steps={self.warmup} + final_steps={self.final} leave no sparsification phase in "
+                f"total_steps={self.total_steps}; lower them or raise total_steps."
+            )
+        self.start_params = self.current_params()
+        self.xi_mult = 1.0
+        self.capped = False
+        self.last_step = 0
+
+    def target_params(self, step: int) -> int:
+        end = min(self.budget_params, self.start_params)
+        return int(cubic_schedule(step, self.total_steps, self.start_params, end, self.warmup, self.final))
+
+    def threshold(self, gate: torch.Tensor) -> float:
+        """tau_t = xi * m * lr_t / lr_0 for this gate."""
+        tau = self.config.xi * self.xi_mult
+        if self.config.scale_by_lr and self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                if any(p is gate for p in group["params"]):
+                    lr0 = group.get("initial_lr", group["lr"])
+                    return tau * (group["lr"] / lr0 if lr0 else 1.0)
+        return tau
+
+    # ---- hooks ------------------------------------------------------------------------------------------
+    def on_step(self, step: int) -> None:
+        self.last_step = step
+        self.proximal_step()
+        if not self.capped and step >= self.total_steps - self.final:
+            self.cap_to_budget(step, floor=self.budget_params)
+        elif not self.capped and step % self.config.check_every == 0:
+            target = self.target_params(step)
+            mags, _ = self.gate_stats()
+            live = sum(int((m > 0).sum()) * self.costs[n] for n, m in mags.items())
+            self.drop_zero_gates(step, floor=target)
+            if step > self.warmup:  # raise xi while over the schedule, back to xi as soon as under it
+                self.xi_mult = min(self.xi_mult * self.config.xi_growth, self.config.max_xi_mult) if live > target else 1.0
+
+    def finalize(self) -> None:
+        """Drop zero gates and keep the largest |g| within the Budget: the export never exceeds it."""
+        self.cap_to_budget(self.last_step, floor=0)
+
+    # ---- decisions ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def proximal_step(self) -> None:
+        """g <- sign(g) max(|g| - tau, 0) on every gate (local: each process shrinks its own parameters)."""
+        for a in self.modules.values():
+            if a.r > 0:
+                g = a.rank_vector
+                g.copy_(torch.sign(g) * torch.clamp(g.abs() - self.threshold(g), min=0.0))
+
+    def gate_stats(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """({module: (r,) |g|}, {module: (r,) |dL/dg|}), averaged over processes."""
+        gates = [a.rank_vector for a in self.modules.values()]
+        flat = torch.cat([g.detach().abs().float() for g in gates]
+                         + [g.grad.detach().abs().float() if g.grad is not None else torch.zeros(g.numel(), device=g.device)
+                            for g in gates])
+        mags, grads = torch.split(all_reduce_mean(flat), flat.numel() // 2)
+        sizes = [a.r for a in self.modules.values()]
+        return dict(zip(self.modules, torch.split(mags, sizes))), dict(zip(self.modules, torch.split(grads, sizes)))
+
+    def drop_zero_gates(self, step: int, floor: int = 0) -> None:
+        """Physically remove ranks whose gate is 0 in every process (the function does not change), but not
+        below `floor` parameters: zero gates with the largest |dL/dg| stay and may revive."""
+        mags, grads = self.gate_stats()
+        names = list(self.modules)
+        zeros = sorted((float(grads[n][k]), names.index(n), k, n) for n in names for k in range(mags[n].numel())
+                       if mags[n][k] == 0)
+        params = self.current_params()
+        drop: dict[str, list[int]] = {n: [] for n in names}
+        for _, _, k, n in zeros:
+            if params - self.costs[n] < floor or mags[n].numel() - len(drop[n]) <= self.budget.min_rank:
+                continue
+            drop[n].append(k)
+            params -= self.costs[n]
+        for n, ks in drop.items():
+            if ks:
+                keep = [k for k in range(mags[n].numel()) if k not in ks]
+                self.resize_module(n, keep, step=step, score=float(mags[n].sum()))
+
+    def cap_to_budget(self, step: int, floor: int) -> None:
+        """Drop zero gates (down to `floor` parameters), then keep the largest |g| that fit the Budget."""
+        self.drop_zero_gates(step, floor=floor)
+        mags, _ = self.gate_stats()
+        if self.current_params() > self.budget_params:
+            keep = select_components(mags, self.costs, self.budget_params, self.budget.min_rank, self.budget.max_rank)
+            for name, idx in keep.items():
+                if idx.numel() < self.modules[name].r:
+                    self.resize_module(name, idx, step=step, score=float(mags[name].sum()))
+        self.capped = True
+        self.xi_mult = 1.0  # the structure now fits: back to the plain SoRA threshold
+
+    # ---- state --------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(start_params=self.start_params, xi_mult=self.xi_mult, capped=self.capped, last_step=self.last_step)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_ranks(self, state)
+        super().load_state_dict(state)
+        self.start_params = int(state["start_params"])
+        self.xi_mult = float(state["xi_mult"])
+        self.capped = bool(state["capped"])
+        self.last_step = int(state["last_step"])
