@@ -49,4 +49,6 @@ def get_initializer(name: str) -> Initializer:
 def _load_builtin() -> None:
     # Imported lazily: the modules register themselves on import.
     import rankwise.init.basic  # noqa: F401
+    import rankwise.init.corda  # noqa: F401
+    import rankwise.init.lora_ga  # noqa: F401
     import rankwise.init.pissa  # noqa: F401
