@@ -48,11 +48,15 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """Average `t` over the processes of a distributed run (a no-op otherwise). Returns a new tensor."""
+    """Average `t` over the processes of a distributed run (a no-op otherwise). Returns a new tensor on t's
+    device. Under a NCCL-only process group a CPU tensor is reduced on this process's GPU (NCCL carries GPU
+    tensors only; rankwise.distributed.init_distributed adds gloo for CPU tensors instead)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = t.detach().clone()
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-        return t / torch.distributed.get_world_size()
+        out = t.detach().clone()
+        if out.device.type == "cpu" and "gloo" not in str(torch.distributed.get_backend()) and torch.cuda.is_available():
+            out = out.cuda()
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+        return (out / torch.distributed.get_world_size()).to(t.device)
     return t
 
 

@@ -1,9 +1,11 @@
 """Who am I in a distributed run: read the launcher's environment, start the process group, split batches.
 
 `torchrun --nproc-per-node N` and `accelerate launch` both start one process per GPU and set RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `init_distributed` reads them, picks the backend
-(NCCL on GPUs, gloo on CPUs), binds the process to its GPU and starts the default process group. Without
-those variables it returns a single-process `DistEnv`, so the same script runs with plain `python`.
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `init_distributed` reads them, binds the process to
+its GPU and starts the default process group. On GPUs the group has two backends, "cpu:gloo,cuda:nccl":
+NCCL for model tensors, gloo for the small CPU tensors that allocators reduce (scores moved to the CPU,
+eval losses), which NCCL cannot carry. Without those variables it returns a single-process `DistEnv`, so
+the same script runs with plain `python`.
 
 Data is split by process inside each global batch (`shard_batch`): process k takes rows
 [k * B/N, (k+1) * B/N). With equal shards and a loss that is a mean over the rows of a shard, the average
@@ -57,16 +59,17 @@ def current_env() -> DistEnv:
     if not (dist.is_available() and dist.is_initialized()):
         return DistEnv(device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                        else torch.device("cpu"))
-    backend = dist.get_backend()
+    backend = str(dist.get_backend())
     local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    device = torch.device("cuda", local_rank) if "nccl" in backend else torch.device("cpu")
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 
 def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) -> DistEnv:
     """Start the default process group from the launcher's variables (idempotent) and return this DistEnv.
 
-    backend: None picks "nccl" when CUDA is available, else "gloo". Each process uses GPU LOCAL_RANK.
+    backend: None picks "cpu:gloo,cuda:nccl" when CUDA is available, else "gloo". Each process uses GPU
+    LOCAL_RANK.
     """
     if dist.is_available() and dist.is_initialized():
         return current_env()
@@ -80,8 +83,8 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) 
             f"{list(LAUNCH_VARS)}."
         )
     local_rank = int(os.environ["LOCAL_RANK"])
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend == "nccl":
+    backend = backend or ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    if "nccl" in backend:
         if local_rank >= torch.cuda.device_count():
             raise RuntimeError(
                 f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; start at most "
@@ -89,7 +92,7 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0) 
             )
         torch.cuda.set_device(local_rank)
     kwargs: dict[str, Any] = {"timeout": datetime.timedelta(minutes=timeout_minutes)}
-    if backend == "nccl":
+    if "nccl" in backend:
         kwargs["device_id"] = torch.device("cuda", local_rank)  # eager NCCL init, bound to this GPU
     dist.init_process_group(backend, **kwargs)
     return current_env()
@@ -108,7 +111,7 @@ def is_main_process() -> bool:
 def barrier() -> None:
     """Wait for every process (a no-op in a single process)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
+        if "nccl" in str(dist.get_backend()):
             dist.barrier(device_ids=[torch.cuda.current_device()])
         else:
             dist.barrier()

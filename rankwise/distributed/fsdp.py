@@ -89,14 +89,15 @@ def shard_frozen_base(
 
 def _move_replicated(model: nn.Module, device: torch.device) -> None:
     """FSDP moves what it manages to `device`; move the ignored (trainable) parameters and the buffers too,
-    in place, so optimizers built on them before sharding keep working."""
+    in place, so optimizers built on them before sharding keep working. Meta tensors stay: a model built on
+    the meta device is materialised afterwards with `model.to_empty(device=...)` and initialised."""
     from torch.distributed.tensor import DTensor
 
     with torch.no_grad():
         for p in model.parameters():
-            if not isinstance(p, DTensor) and p.device != device:
+            if not isinstance(p, DTensor) and not p.is_meta and p.device != device:
                 p.data = p.data.to(device)
         for module in model.modules():
             for key, buf in module._buffers.items():
-                if buf is not None and not isinstance(buf, DTensor) and buf.device != device:
+                if buf is not None and not isinstance(buf, DTensor) and not buf.is_meta and buf.device != device:
                     module._buffers[key] = buf.to(device)

@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from rankwise.distributed.env import DistEnv, current_env
-from rankwise.distributed.fsdp import shard_frozen_base
+from rankwise.distributed.fsdp import is_sharded, shard_frozen_base
 from rankwise.model import lora_layers
 
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -121,7 +121,8 @@ class ParallelModel:
         self._ddp: DDP | None = None
         self._signature: tuple | None = None
         self._checked = False  # structure already synchronised for the next forward (set by no_sync)
-        if self.strategy == "fsdp":
+        self.sharded_blocks: list[str] = []
+        if self.strategy == "fsdp" and not is_sharded(model):  # a model may come sharded (meta-device init)
             dtype = DTYPES[self.config.fsdp_param_dtype] if self.config.fsdp_param_dtype else None
             self.sharded_blocks = shard_frozen_base(
                 model, device=self.env.device, world_size=self.env.world_size, blocks=self.config.fsdp_blocks,
