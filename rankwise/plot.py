@@ -37,8 +37,7 @@ def rank_grid(summary: AdapterSummary) -> tuple[list[str], list[str], np.ndarray
 def draw_heatmap(ax, summary: AdapterSummary) -> None:
     rows, cols, grid = rank_grid(summary)
     masked = np.ma.masked_invalid(grid)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")  # grey: the layer has no such module
     image = ax.imshow(masked, aspect="auto", cmap=cmap, vmin=0, vmax=max(1, np.nanmax(grid)))
     ax.set_xticks(range(len(cols)), [c.replace(".", ".\n") if len(c) > 14 else c for c in cols], fontsize=7)
     ax.set_yticks(range(len(rows)), rows, fontsize=7 if len(rows) > 16 else 9)

@@ -1,4 +1,6 @@
-"""Tiny local models (saved folders, as a user would pass them) and data files for the training tests."""
+"""Tiny local models (saved folders, as a user would pass them) and data files for the training and CLI tests.
+
+Test modules use them with `from train_fixtures import *` (tests/conftest.py puts tests/ on sys.path)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import tiny_bert, tiny_llama  # noqa: E402
+
+__all__ = ["cls_model_dir", "lm_model_dir", "math_files", "sst_files", "word_tokenizer", "sentiment_rows"]
 
 POSITIVE = ["good", "great", "fun", "fine", "lovely"]
 NEGATIVE = ["bad", "awful", "dull", "boring", "poor"]
