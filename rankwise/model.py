@@ -76,10 +76,20 @@ def merge(model: nn.Module, name: str | None = None, *, safe: bool = True) -> No
     With `safe`, every merged weight is checked for NaN/Inf first and nothing is written if one is found."""
     if name is not None:
         _require(model, name)
-    for _, layer in lora_layers(model):
+    todo = []
+    for layer_name, layer in lora_layers(model):
         target = name or layer.active_adapter
-        if target is not None and target in layer.adapters:
-            layer.merge(target, safe=safe)
+        if target is not None and target in layer.adapters and target not in layer.merged:
+            todo.append((layer_name, layer, target))
+    if safe:  # check every layer before changing any, so a bad one leaves the whole model untouched
+        bad = [layer_name for layer_name, layer, target in todo if not layer.merge_is_finite(target)]
+        if bad:
+            raise ValueError(
+                f"Merging would put NaN/Inf into the base weights of {bad[:5]}{' ...' if len(bad) > 5 else ''}; "
+                "nothing was changed. Check the adapter's weights (training may have diverged)."
+            )
+    for _, layer, target in todo:
+        layer.merge(target, safe=False)
 
 
 def unmerge(model: nn.Module) -> None:

@@ -105,8 +105,8 @@ class LoraLayer(nn.Module):
         if self.disabled or name is None or name in self.merged:
             return result
         adapter: LoraAdapter = self.adapters[name]
-        if adapter.r == 0 or adapter.truncate == 0:
-            return result
+        if (adapter.r == 0 or adapter.truncate == 0) and adapter.magnitude is None and adapter.lora_bias is None:
+            return result  # nothing to add (a DoRA magnitude or a LoRA bias still acts at rank 0)
         if self.kind.name == "embedding":
             return result + adapter.embedding_delta(x, self.base_layer.padding_idx).to(result.dtype)
         x_drop = adapter.dropout(x)
@@ -127,27 +127,42 @@ class LoraLayer(nn.Module):
 
     # ---- merge -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def merge(self, name: str | None = None, *, safe: bool = True) -> None:
-        """Add adapter `name` (default: the active one) into the base weight. Mutates the base layer."""
-        name = self._check_name(name or self.active_adapter or "")
-        if name in self.merged:
-            return
-        adapter: LoraAdapter = self.adapters[name]
-        w = self.weight_out_in()
-        delta = adapter.delta_weight().to(torch.float32)
-        new_w = w.to(torch.float32) + delta
+    def merged_weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """What merging adapter `name` would write, in fp32: (weight (out, in), bias (out,) or None,
+        DoRA norm (out,) or None). Changes nothing."""
+        adapter: LoraAdapter = self.adapters[self._check_name(name)]
+        new_w = self.weight_out_in().to(torch.float32) + adapter.delta_weight().to(torch.float32)
+        norm = None
         if adapter.use_dora:
             norm = torch.linalg.vector_norm(new_w, dim=1)
-            self._dora_norms[name] = norm
             new_w = new_w * (adapter.magnitude.to(torch.float32) / norm)[:, None]
         new_bias = None
         if adapter.lora_bias is not None:
             if self.bias is None:
                 raise ValueError("Cannot merge a LoRA bias into a base layer without a bias; keep it unmerged.")
             new_bias = self.bias.to(torch.float32) + adapter.scale * adapter.lora_bias.to(torch.float32)
+        return new_w, new_bias, norm
+
+    def merge_is_finite(self, name: str) -> bool:
+        new_w, new_bias, _ = self.merged_weights(name)
+        return bool(torch.isfinite(new_w).all()) and (new_bias is None or bool(torch.isfinite(new_bias).all()))
+
+    @torch.no_grad()
+    def merge(self, name: str | None = None, *, safe: bool = True) -> None:
+        """Add adapter `name` (default: the active one) into the base weight. Mutates the base layer.
+
+        With `safe`, a merge that would write NaN/Inf raises and changes nothing (see also model.merge,
+        which checks every layer before changing any)."""
+        name = self._check_name(name or self.active_adapter or "")
+        if name in self.merged:
+            return
+        new_w, new_bias, norm = self.merged_weights(name)
         if safe and not (torch.isfinite(new_w).all() and (new_bias is None or torch.isfinite(new_bias).all())):
             raise ValueError(f"Merging adapter {name!r} would put NaN/Inf into the base weight; nothing was changed.")
+        w = self.weight_out_in()
         w.copy_(new_w.to(w.dtype))
+        if norm is not None:
+            self._dora_norms[name] = norm
         if new_bias is not None:
             self.bias.copy_(new_bias.to(self.bias.dtype))
         self.merged.append(name)

@@ -146,3 +146,20 @@ def test_plain_mlp_trains():
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0]
     assert all(not p.requires_grad for n, p in model.named_parameters() if "base_layer" in n)
+
+
+def test_rank_zero_keeps_dora_magnitude_and_bias():
+    layer, adapter = _layer(use_dora=True)
+    with torch.no_grad():
+        adapter.magnitude.mul_(1.5)
+    x = torch.randn(2, 6)
+    adapter.resize([])
+    # W' = m * W0 / ||W0||: the magnitude still scales the rows with no low-rank part left.
+    w = layer.base_layer.weight
+    expected = x @ (adapter.magnitude[:, None] * w / w.norm(dim=1, keepdim=True)).t() + layer.base_layer.bias
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    layer2, adapter2 = _layer(bias=True)
+    with torch.no_grad():
+        adapter2.lora_bias.fill_(1.0)
+    adapter2.resize([])
+    assert torch.allclose(layer2(x), layer2.base_layer(x) + adapter2.scale, atol=1e-6)
