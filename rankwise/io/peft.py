@@ -80,7 +80,7 @@ def _most_common(values: list[Any]) -> Any:
     return Counter(values).most_common(1)[0][0]
 
 
-def _pattern(values: dict[str, Any], default: Any) -> dict[str, Any]:
+def peft_pattern(values: dict[str, Any], default: Any) -> dict[str, Any]:
     """{module: value} for modules whose value differs from `default`, as keys that PEFT's rule resolves
     back to exactly that module (a key is regex-escaped when the plain name would also match another)."""
     pattern: dict[str, Any] = {}
@@ -121,8 +121,8 @@ def build_peft_config(
         "bias": "none",
         "init_lora_weights": True,
         "modules_to_save": config.modules_to_save,
-        "rank_pattern": _pattern(ranks, r),
-        "alpha_pattern": _pattern(alphas, alpha),
+        "rank_pattern": peft_pattern(ranks, r),
+        "alpha_pattern": peft_pattern(alphas, alpha),
         "inference_mode": True,
         "revision": None,
     }

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rankwise.io.atomic import atomic_directory
-from rankwise.io.peft import CONFIG_NAME, RANKWISE_META, WEIGHTS_NAME, ExportedModule, _pattern
+from rankwise.io.peft import CONFIG_NAME, RANKWISE_META, WEIGHTS_NAME, ExportedModule, peft_pattern
 from rankwise.layers.scaling import alpha_from_scale, lora_scale
 from rankwise.merge.terms import dir_terms, most_common, terms_state_dict
 from rankwise.model import adapter_modules
@@ -202,7 +202,7 @@ def compress_adapter_dir(
     cfg = copy.deepcopy(terms.peft_config)
     ranks = {name: m.r for name, m in kept.items()}
     cfg["r"] = int(most_common(list(ranks.values())))
-    cfg["rank_pattern"] = _pattern(ranks, cfg["r"])
+    cfg["rank_pattern"] = peft_pattern(ranks, cfg["r"])
     if dropped:
         cfg["exclude_modules"] = _extend_exclude(cfg.get("exclude_modules"), dropped)
     meta = {
