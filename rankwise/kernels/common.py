@@ -34,9 +34,17 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def cdiv(a: int, b: int) -> int:
+    # Plain integer arithmetic: triton.cdiv is a constexpr function with a per-call cost on the host.
+    return -(-a // b)
+
+
 def rank_block(r: int) -> int:
     """Block over the rank dimension: a power of two in [16, 128] (tl.dot needs >= 16)."""
-    return max(16, min(128, triton.next_power_of_2(max(r, 1))))
+    block = 16
+    while block < r and block < 128:
+        block *= 2
+    return block
 
 
 def check_2d(name: str, t: torch.Tensor, rows: int | None = None, cols: int | None = None) -> None:
@@ -49,9 +57,14 @@ def check_2d(name: str, t: torch.Tensor, rows: int | None = None, cols: int | No
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    if len(set(devices.values())) > 1:
-        raise ValueError(f"All inputs must be on one device, got {devices}.")
+    device = None
+    for t in tensors.values():
+        if t is not None:
+            if device is None:
+                device = t.device
+            elif t.device != device:
+                found = {name: v.device for name, v in tensors.items() if v is not None}
+                raise ValueError(f"All inputs must be on one device, got {found}.")
 
 
 def check_seed(seed: torch.Tensor | None, p: float, device: torch.device) -> None:

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rankwise.kernels.common import check_seed
+from rankwise.kernels.common import cdiv, check_seed
 
 
 def threshold16(p: float) -> int:
@@ -88,6 +88,6 @@ def dropout_keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> tor
     check_seed(seed, p if p > 0 else 0.5, seed.device)
     out = torch.empty(rows, cols, dtype=torch.int8, device=seed.device)
     if rows and cols:
-        grid = (triton.cdiv(rows, 32), triton.cdiv(cols, 64))
+        grid = (cdiv(rows, 32), cdiv(cols, 64))
         _mask_kernel[grid](seed, out, rows, cols, out.stride(0), threshold16(p), BLOCK_M=32, BLOCK_N=64)
     return out.bool()

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from rankwise.kernels.common import (
-    check_2d, check_same_device, check_seed, dot_precision, interpreting, mma, rank_block,
+    cdiv, check_2d, check_same_device, check_seed, dot_precision, interpreting, mma, rank_block,
 )
 from rankwise.kernels.dropout import keep_tile, mixed_seed, threshold16
 
@@ -116,7 +116,7 @@ def lora_expand_(
     block_r = rank_block(R)
     block_m = block_m or (16 if interp else 64)
     block_n = block_n or (32 if interp else 128)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    grid = (cdiv(M, block_m), cdiv(N, block_n))
     dummy = g  # never read: the matching HAS_* flag is False
     _expand_kernel[grid](
         y, g, b, bias if bias is not None else dummy, f if f is not None else dummy,

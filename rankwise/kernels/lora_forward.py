@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from rankwise.kernels.common import check_2d, check_same_device, check_seed, dot_precision, interpreting, mma, rank_block
+from rankwise.kernels.common import (
+    cdiv, check_2d, check_same_device, check_seed, dot_precision, interpreting, mma, rank_block,
+)
 from rankwise.kernels.dropout import keep_tile, mixed_seed, threshold16
 
 MAX_RANK = 128
@@ -103,6 +105,29 @@ def _lora_forward_kernel(
         tl.store(y_ptrs, out.to(Y.dtype.element_ty), mask=io_mask)
 
 
+def launch_forward(x, a, b, y, scale, lora_bias, f, post_bias, seed, p, prec, block_m=None, num_warps=4,
+                   num_stages=3):
+    """lora_forward_ without the input checks (the fused autograd Functions check once, up front)."""
+    M, K = x.shape
+    N, R = b.shape
+    h = torch.empty(M, R, dtype=torch.float32, device=x.device)
+    if M == 0:
+        return h
+    interp = interpreting()
+    block_m = block_m or 16
+    dummy = h  # never read: the matching HAS_* flag is False
+    _lora_forward_kernel[(cdiv(M, block_m),)](
+        x, a, b, h, y, lora_bias if lora_bias is not None else dummy, f if f is not None else dummy,
+        post_bias if post_bias is not None else dummy, seed if p > 0 else dummy, M, K, N, R,
+        x.stride(0), x.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1), h.stride(0),
+        y.stride(0), y.stride(1), scale, 1.0 / (1.0 - p), threshold16(p),
+        HAS_LB=lora_bias is not None, HAS_F=f is not None, HAS_POST=post_bias is not None, HAS_DROPOUT=p > 0,
+        BLOCK_M=block_m, BLOCK_K=32 if interp else 128, BLOCK_N=32 if interp else 128, BLOCK_R=rank_block(R),
+        PREC=prec, INTERPRET=interp, num_warps=num_warps, num_stages=num_stages,
+    )
+    return h
+
+
 def lora_forward_(
     x: torch.Tensor,
     a: torch.Tensor,
@@ -134,23 +159,9 @@ def lora_forward_(
     if x.dtype != y.dtype:
         raise ValueError(f"x is {x.dtype} but y is {y.dtype}; they must match.")
     for name, v in (("lora_bias", lora_bias), ("f", f), ("post_bias", post_bias)):
-        if v is not None and tuple(v.shape) != (N,):
+        if v is not None and (v.dim() != 1 or v.shape[0] != N):
             raise ValueError(f"{name} must have shape ({N},), got {tuple(v.shape)}.")
     check_same_device(x=x, a=a, b=b, y=y, lora_bias=lora_bias, f=f, post_bias=post_bias, seed=seed)
     check_seed(seed, p, x.device)
-    h = torch.empty(M, R, dtype=torch.float32, device=x.device)
-    if M == 0:
-        return h
-    interp = interpreting()
-    block_m = block_m or (16 if interp else 32)
-    dummy = h  # never read: the matching HAS_* flag is False
-    _lora_forward_kernel[(triton.cdiv(M, block_m),)](
-        x, a, b, h, y, lora_bias if lora_bias is not None else dummy, f if f is not None else dummy,
-        post_bias if post_bias is not None else dummy, seed if p > 0 else dummy, M, K, N, R,
-        x.stride(0), x.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1), h.stride(0),
-        y.stride(0), y.stride(1), float(scale), 1.0 / (1.0 - p), threshold16(p),
-        HAS_LB=lora_bias is not None, HAS_F=f is not None, HAS_POST=post_bias is not None, HAS_DROPOUT=p > 0,
-        BLOCK_M=block_m, BLOCK_K=32 if interp else 128, BLOCK_N=32 if interp else 128, BLOCK_R=rank_block(R),
-        PREC=dot_precision(x.dtype), INTERPRET=interp, num_warps=num_warps, num_stages=num_stages,
-    )
-    return h
+    return launch_forward(x, a, b, y, float(scale), lora_bias, f, post_bias, seed, p, dot_precision(x.dtype),
+                          block_m, num_warps, num_stages)

@@ -12,8 +12,11 @@ memory traffic and what autograd keeps. Here
   adapter's share of dx into the base's dx in place;
 - DoRA's norms come from one read of W (rankwise.kernels.dora_norm), and its backward recovers
   z = x W^T + s(...) from the saved output (z = (y - b) / f) instead of keeping a second activation.
-Forward: 1 cuBLAS GEMM + 2 kernels; backward: 1 GEMM + 4 kernels. No host synchronisation, no Python state
-between steps, so the layer works under torch.compile and CUDA graphs.
+Forward: the base GEMM (cuBLAS) + 1 kernel (rankwise.kernels.lora_forward); backward: the base GEMM + 1 memset
++ 2 kernels (rankwise.kernels.lora_backward). Ranks above 128 take the two-pass kernels (shrink / expand /
+reduce). No host synchronisation and no Python state between steps, so the layer works under torch.compile
+and CUDA graphs; the launchers skip re-checking inputs that `fused_*_linear` checked, to keep the host cost
+per adapter low (it matters for small models, where the GPU work per layer is short).
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from rankwise.kernels.dora_norm import dora_row_norm
+from rankwise.kernels.dora_norm import launch_dora_row_norm
 from rankwise.kernels.expand import lora_expand_
-from rankwise.kernels.lora_backward import DH_ATOMIC_MAX_COLUMNS, lora_grad_dy, lora_grad_x_
-from rankwise.kernels.lora_forward import MAX_RANK, lora_forward_
+from rankwise.kernels.common import check_seed, dot_precision
+from rankwise.kernels.lora_backward import DH_ATOMIC_MAX_COLUMNS, launch_grad_dy, launch_grad_x
+from rankwise.kernels.lora_forward import MAX_RANK, launch_forward
 from rankwise.kernels.reduce import lora_reduce
 from rankwise.kernels.reference import dora_row_norm_ref
 from rankwise.kernels.shrink import lora_shrink
@@ -40,7 +44,7 @@ def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor 
 def _adapter_forward(x2, y, A, B, scale, lora_bias, f, post_bias, seed, p):
     """y (M, out) <- ((y + s (dropout(x) A^T B^T + b_lora)) * f) + post_bias in place; returns h (M, r) fp32."""
     if A.shape[0] <= MAX_RANK:
-        return lora_forward_(x2, A, B, y, scale=scale, lora_bias=lora_bias, f=f, post_bias=post_bias, seed=seed, p=p)
+        return launch_forward(x2, A, B, y, scale, lora_bias, f, post_bias, seed, p, dot_precision(x2.dtype))
     h = lora_shrink(x2, A, scale=1.0 / (1.0 - p), seed=seed, p=p)  # ranks > 128: two passes
     lora_expand_(y, h, B, scale=scale, bias=lora_bias, f=f, post_bias=post_bias)
     return h
@@ -51,33 +55,33 @@ def _adapter_backward(dy2, x2, h, A, B_f, scale, seed, p, dx, y, *, need_A, need
     dy ⊙ y); B_f = B diag(e) (times DoRA's f) gives dh = s dy B_f. dx (M, in), if given, gets += dh A in place."""
     (M, N), (R, K) = dy2.shape, A.shape
     need_dh = dx is not None or need_A
-    want_colsum = need_lb
-    dev = dy2.device
     if R > MAX_RANK:  # ranks > 128: one pass per product
         dh = lora_shrink(dy2, B_f.t(), scale=scale) if need_dh else None
         dB = colsum = dotsum = dA = None
-        if need_B or want_colsum or need_dot:
-            dB, colsum, dotsum = lora_reduce(dy2, h, scale=scale, colsum=want_colsum,
-                                             dot_with=y if need_dot else None)
+        if need_B or need_lb or need_dot:
+            dB, colsum, dotsum = lora_reduce(dy2, h, scale=scale, colsum=need_lb, dot_with=y if need_dot else None)
         if need_A:
             dA, _, _ = lora_reduce(x2, dh, scale=1.0 / (1.0 - p), seed=seed, p=p, transpose=True)
         if dx is not None:
             lora_expand_(dx, dh, A.t(), scale=1.0 / (1.0 - p), seed=seed, p=p)
         return dA, dB, colsum, dotsum
-    # One zeroed fp32 buffer for every atomically accumulated output: dh, dB, dA, colsum, dotsum.
+    prec = dot_precision(dy2.dtype)
     atomic_dh = need_dh and N <= DH_ATOMIC_MAX_COLUMNS
-    sizes = [M * R if atomic_dh else 0, N * R if need_B else 0, R * K if need_A else 0,
-             N if want_colsum else 0, N if need_dot else 0]
-    flat = torch.zeros(sum(sizes), dtype=torch.float32, device=dev)
-    dh_buf, dB, dA, colsum, dotsum = (part if n else None for part, n in zip(flat.split(sizes), sizes))
-    dh = dh_buf.view(M, R) if atomic_dh else (lora_shrink(dy2, B_f.t(), scale=scale) if need_dh else None)
-    dB = None if dB is None else dB.view(N, R)
-    dA = None if dA is None else dA.view(R, K)
-    if atomic_dh or need_B or want_colsum or need_dot:
-        lora_grad_dy(dy2, h if need_B else None, B_f if atomic_dh else None, scale=scale,
-                     dh=dh if atomic_dh else None, db=dB, colsum=colsum, y=y if need_dot else None, dotsum=dotsum)
+    # One zeroed fp32 buffer for everything accumulated atomically: [dh | dB | dA | colsum | dotsum].
+    n_dh, n_dB, n_dA = M * R if atomic_dh else 0, N * R if need_B else 0, R * K if need_A else 0
+    n_cs, n_ds = N if need_lb else 0, N if need_dot else 0
+    flat = torch.zeros(n_dh + n_dB + n_dA + n_cs + n_ds, dtype=torch.float32, device=dy2.device)
+    o1, o2, o3, o4 = n_dh, n_dh + n_dB, n_dh + n_dB + n_dA, n_dh + n_dB + n_dA + n_cs
+    dh = flat[:o1].view(M, R) if atomic_dh else (lora_shrink(dy2, B_f.t(), scale=scale) if need_dh else None)
+    dB = flat[o1:o2].view(N, R) if need_B else None
+    dA = flat[o2:o3].view(R, K) if need_A else None
+    colsum = flat[o3:o4] if need_lb else None
+    dotsum = flat[o4:] if need_dot else None
+    if atomic_dh or need_B or need_lb or need_dot:
+        launch_grad_dy(dy2, h if need_B else None, B_f if atomic_dh else None, scale, dh if atomic_dh else None,
+                       dB, colsum, y if need_dot else None, dotsum, prec)
     if need_dh:
-        lora_grad_x_(x2 if need_A else None, dh, A, dx=dx, da=dA, seed=seed, p=p)
+        launch_grad_x(x2 if need_A else None, dh, A, dx, dA, seed, p, prec)
     return dA, dB, colsum, dotsum
 
 
@@ -145,11 +149,12 @@ class _DoraLinear(torch.autograd.Function):
 def _check(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
     out_features, in_features = weight.shape
     if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} features, the weight (out, in) = {tuple(weight.shape)} expects {in_features}.")
+        raise ValueError(f"x has {x.shape[-1]} features; the weight (out, in) = {tuple(weight.shape)} expects "
+                         f"{in_features}.")
     if x.dtype != weight.dtype:
         raise ValueError(f"x is {x.dtype} but the base weight is {weight.dtype}; cast one of them (or use autocast "
                          "with the reference path).")
-    if lora_A.shape[1] != in_features or lora_B.shape != (out_features, lora_A.shape[0]):
+    if lora_A.shape[1] != in_features or lora_B.shape[0] != out_features or lora_B.shape[1] != lora_A.shape[0]:
         raise ValueError(f"lora_A {tuple(lora_A.shape)} / lora_B {tuple(lora_B.shape)} do not fit a "
                          f"({out_features}, {in_features}) weight: need (r, {in_features}) / ({out_features}, r).")
 
@@ -168,6 +173,7 @@ def fused_lora_linear(
     """x: (..., in), weight: (out, in) frozen, lora_A: (r, in), lora_B: (out, r) with diag(e) folded in,
     seed: (1,) int64 on x's device when p > 0. Returns (..., out); see the module docstring."""
     _check(x, weight, lora_A, lora_B)
+    check_seed(seed, p, x.device)
     return _LoraLinear.apply(x, weight, bias, lora_A, lora_B, lora_bias, float(scale), float(p), seed)
 
 
@@ -185,7 +191,7 @@ def fused_dora_linear(
     _check(x, weight, lora_A, lora_B)
     with torch.no_grad():  # (out,) fp32, a constant in backward
         if lora_A.shape[0] <= MAX_RANK:
-            norm = dora_row_norm(weight, lora_A, lora_B * scale)
+            norm = launch_dora_row_norm(weight, lora_A, lora_B, float(scale), dot_precision(weight.dtype))
         else:
             norm = dora_row_norm_ref(weight, lora_A, lora_B, scale)
     factor = magnitude / norm

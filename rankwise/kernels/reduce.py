@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from rankwise.kernels.common import (
-    TARGET_PROGRAMS, check_2d, check_same_device, check_seed, dot_precision, interpreting, mma, rank_block,
+    cdiv, TARGET_PROGRAMS, check_2d, check_same_device, check_seed, dot_precision, interpreting, mma, rank_block,
 )
 from rankwise.kernels.dropout import keep_tile, mixed_seed, threshold16
 
@@ -126,13 +126,13 @@ def lora_reduce(
     block_r = rank_block(R)
     block_m = block_m or (16 if interp else 64)
     block_n = block_n or (32 if interp else (128 if block_r <= 32 else 64))
-    n_blocks, r_blocks = triton.cdiv(N, block_n), triton.cdiv(R, block_r)
-    m_blocks = max(1, triton.cdiv(M, block_m))
+    n_blocks, r_blocks = cdiv(N, block_n), cdiv(R, block_r)
+    m_blocks = max(1, cdiv(M, block_m))
     if chunks is None:
         chunks = 2 if interp else TARGET_PROGRAMS // (n_blocks * r_blocks)
     chunks = max(1, min(chunks, m_blocks))
-    rows_per_chunk = triton.cdiv(m_blocks, chunks) * block_m
-    chunks = max(1, triton.cdiv(M, rows_per_chunk))
+    rows_per_chunk = cdiv(m_blocks, chunks) * block_m
+    chunks = max(1, cdiv(M, rows_per_chunk))
     dev = x.device
     part = torch.empty((chunks, R, N) if transpose else (chunks, N, R), dtype=torch.float32, device=dev)
     stride_on, stride_or = (part.stride(2), part.stride(1)) if transpose else (part.stride(1), part.stride(2))

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from rankwise.kernels.common import (
-    check_2d, check_same_device, check_seed, dot_precision, interpreting, mma, rank_block,
+    cdiv, check_2d, check_same_device, check_seed, dot_precision, interpreting, mma, rank_block,
 )
 from rankwise.kernels.dropout import keep_tile, mixed_seed, threshold16
 
@@ -96,7 +96,7 @@ def lora_shrink(
     block_r = rank_block(R)
     block_m = block_m or (16 if interp else 64)
     block_k = block_k or (32 if interp else (128 if block_r <= 64 else 64))
-    grid = (triton.cdiv(M, block_m), triton.cdiv(R, block_r))
+    grid = (cdiv(M, block_m), cdiv(R, block_r))
     _shrink_kernel[grid](
         x, a, h, seed if p > 0 else h, M, K, R,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), h.stride(0), h.stride(1),

@@ -190,9 +190,9 @@ def test_dora_zero_magnitude_keeps_its_gradient():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dora_row_norm_without_merged_weight(dtype):
     torch.manual_seed(5)
-    W = torch.randn(33, 70, device=DEV).to(dtype)
-    A, B = torch.randn(7, 70, device=DEV), torch.randn(33, 7, device=DEV) * 0.1
-    got = dora_row_norm(W.t().contiguous().t(), A, B * 0.5)  # a transposed (Conv1D-style) weight view
+    W = torch.randn(33, 170, device=DEV).to(dtype)  # in = 170: several chunks of the in dimension
+    A, B = torch.randn(7, 170, device=DEV), torch.randn(33, 7, device=DEV) * 0.1
+    got = dora_row_norm(W.t().contiguous().t(), A, B, 0.5)  # a transposed (Conv1D-style) weight view
     assert rel(got, dora_row_norm_ref(W.double(), A.double(), B.double(), 0.5)) < (1e-5 if dtype == torch.float32 else 2e-3)
 
 
