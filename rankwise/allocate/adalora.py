@@ -130,7 +130,7 @@ def check_state_ranks(alloc: Allocator, state: dict[str, Any]) -> None:
 
 
 def resolve_steps(value: int | None, fraction: float, total_steps: int) -> int:
-    return int(round(fraction * total_steps)) if value is None else int(value)
+    return round(fraction * total_steps) if value is None else int(value)
 
 
 # ---- AdaLoRA --------------------------------------------------------------------------------------------

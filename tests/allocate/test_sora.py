@@ -2,12 +2,19 @@
 
 import pytest
 import torch
+from allocate.checks import (
+    SETUPS,
+    build,
+    distributed_results,
+    export_max_diff,
+    minilm_run,
+    one_thread,
+    resume_matches,
+    spy_optimizer_remap,
+)
+from allocate.synthetic import important_share
 
 from rankwise.allocate import cubic_schedule
-
-from allocate.checks import (SETUPS, build, distributed_results, export_max_diff, minilm_run, one_thread,
-                             resume_matches, spy_optimizer_remap)
-from allocate.synthetic import important_share
 
 BUDGET, STEPS, CONFIG = SETUPS["sora"]  # r_max = 8: 2048 parameters, budget 1024; cap at step 150 - 30
 CAP = STEPS - 30
@@ -49,7 +56,7 @@ def test_zero_gates_appear_before_the_cap_and_ranks_favour_the_important_modules
 
 
 def test_removal_keeps_adam_state_of_surviving_components(trained):
-    run, resizes = trained
+    _run, resizes = trained
     prunes = [r for r in resizes if r["kept"] < r["old"]]
     assert prunes and all(set(r["attrs"]) == {"lora_A", "lora_B", "rank_vector"} for r in prunes), resizes
 
