@@ -8,11 +8,15 @@ The gate trains with the rest (through the user's optimizer); after every optimi
 
     g <- sign(g) * max(|g| - tau_t, 0),      tau_t = xi * m_t * lr_t / lr_0
 
-is the proximal step of an L1 penalty. xi (~3e-4, the reference code's constant threshold) is the threshold at
-the peak learning rate: the reference code subtracts xi unscaled, the paper's proximal-gradient form
-subtracts lr * lambda. We scale by lr_t / lr_0 (the gate's param-group learning rate over its `initial_lr`),
-which equals the reference code under a constant learning rate and follows a warm-up / decay schedule like a
-proximal gradient method should (`scale_by_lr=False` gives the reference code's constant xi).
+is the proximal step of an L1 penalty. xi (~3e-4) is the threshold at the peak learning rate. The reference
+code (TsinghuaC3I/SoRA) has two versions: src/sparse_optimizer.py subtracts xi unscaled every step, and
+src/sparse_optimizer_multiply_lr.py subtracts xi * lr (the paper's proximal-gradient form). We scale by
+lr_t / lr_0 (the gate's param-group learning rate over its `initial_lr`): identical to the first version under
+a constant learning rate, and following a warm-up / decay schedule like the second, without xi changing
+meaning with the learning rate. `scale_by_lr=False` gives the first version's constant threshold (that code
+also zeroes what the shift leaves below xi, up to 2 xi in effect; we apply the plain soft threshold). The
+reference trains the gates in their own optimizer without weight decay; here they sit in the user's
+optimizer, so give them weight_decay=0 (AdamW's decay would shrink them too).
 
 Making the soft budget hard (our design; the paper's budget is only what xi happens to give):
 - m_t is a multiplier on xi: every `check_every` steps after the warm-up, if the parameters of the ranks with
