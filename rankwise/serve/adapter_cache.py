@@ -93,7 +93,7 @@ class _Entry:
 class AdapterCache:
     def __init__(self, adapter_dir: str | Path | None, layout: LoraLayout, dtype: torch.dtype, device: torch.device,
                  *, max_gpu_adapters: int, lora_pool_mb: float, max_host_adapters: int, max_lora_rank: int,
-                 base_weight=None):
+                 base_weight=None, load_threads: int = 2):
         self.adapter_dir = Path(adapter_dir).resolve() if adapter_dir is not None else None
         self.layout, self.dtype, self.device = layout, dtype, device
         self.max_lora_rank, self.max_host = max_lora_rank, max_host_adapters
@@ -106,9 +106,10 @@ class AdapterCache:
         self._host_lru: OrderedDict[str, None] = OrderedDict()
         self._gpu_lru: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.RLock()
-        self._pool_exec = ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load")
+        self._pool_exec = ThreadPoolExecutor(max_workers=load_threads, thread_name_prefix="adapter-load")
         self.cuda = device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self._site_counts = [0, 0, 0, 0]  # resident adapters with weights at each site
         self.stats = {"disk_loads": 0, "gpu_loads": 0, "gpu_evictions": 0, "host_evictions": 0, "gpu_hits": 0}
 
     # ---- names and files --------------------------------------------------------------------------------
@@ -221,6 +222,24 @@ class AdapterCache:
                 if e.pinned and not e.resident and e.error is None:
                     self._progress(e)
 
+    def prefetch(self, names: list[str]) -> None:
+        """Read and pack `names` into host memory now, in the loader threads (warm start, as S-LoRA keeps every
+        adapter in host memory); waits for them. Host capacity still applies."""
+        with self._lock:
+            entries = [self._entry(n) for n in names]
+            futures = [(e, self._pool_exec.submit(self._read_and_pack, e.name, e.path)) for e in entries
+                       if e.packed is None]
+        for e, f in futures:
+            packed = f.result()
+            with self._lock:
+                e.packed = packed
+                self._touch_host(e.name)
+
+    def site_mask(self) -> tuple[bool, ...]:
+        """Which of the 4 sites (qkv, o, gate_up, down) any resident adapter has weights at."""
+        with self._lock:
+            return tuple(c > 0 for c in self._site_counts)
+
     def resident_count(self) -> int:
         return len(self._gpu_lru)
 
@@ -239,6 +258,9 @@ class AdapterCache:
             if e.event is not None and not e.event.query():
                 return False
             self.tables.install(e.slot, e.packed, e.base)
+            e.meta["sites"] = [bool(e.packed.rankA[:, i].any()) for i in range(4)]
+            for i, used in enumerate(e.meta["sites"]):
+                self._site_counts[i] += used
             e.event, e.resident = None, True
             self._gpu_lru[e.name] = None
             return True
@@ -298,6 +320,8 @@ class AdapterCache:
             return
         if e.resident:
             self.tables.clear(e.slot)
+            for i, used in enumerate(e.meta.pop("sites")):
+                self._site_counts[i] -= used
         elif e.event is not None:
             e.event.synchronize()
         self._ranges.free(e.base, e.numel)

@@ -5,7 +5,7 @@ the next input token is the previous step's sample (written on the device), posi
 and the slot each new key/value goes to is computed on the device from the block table. The host uploads only
 what changed: a new block for a row (every `block_size` tokens) and, when the set of rows changes, the active
 mask, sampling settings and the LoRA grouping of the rows. That makes a decode step a fixed sequence of kernels
-on fixed buffers, which is captured once per (padded batch size, LoRA on/off) as a CUDA graph and replayed;
+on fixed buffers, which is captured once per (padded batch size, LoRA sites in use) as a CUDA graph and replayed;
 kernels that depend on lengths (paged attention, LoRA blocks) read them from the device, so one graph serves
 any lengths and any adapter mix.
 """
@@ -37,7 +37,8 @@ class BatchState:
         self.any_lora = False
         self.all_greedy = True
         self.use_graphs = use_graphs
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.site_mask = (False,) * 4  # set by the engine from the adapter cache before each decode
         self._graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None
 
     # ---- host -> device updates ------------------------------------------------------------------------
@@ -75,7 +76,7 @@ class BatchState:
 
     # ---- decode ----------------------------------------------------------------------------------------
 
-    def _decode_forward(self, B: int, lora: bool) -> torch.Tensor:
+    def _decode_forward(self, B: int, sites: tuple[bool, ...] | None) -> torch.Tensor:
         """Logits (B, vocab) of rows [0, B); only device tensors, no host synchronisation (graph-safe)."""
         bs = self.kv.block_size
         pos = self.positions[:B]
@@ -86,15 +87,17 @@ class BatchState:
         context_lens = torch.where(active, pos + 1, 0).to(torch.int32)
         attn = AttnBatch(slot_mapping, block_tables=tables, context_lens=context_lens)
         ctx = None
-        if lora:
+        if sites is not None:
             step = LoraStep(self.l_meta[0, :B], self.l_meta[1, :B], self.l_meta[2, :B], self.l_meta[3, :B],
                             self.l_y[:B], self.block_t)
-            ctx = LoraContext(step=step, **self.lora_ctx)
+            ctx = LoraContext(step=step, sites=sites, **self.lora_ctx)
         hidden = self.model.forward(self.tokens[:B], pos, self.kv, attn, ctx)
         return self.model.logits(hidden)
 
     def decode_logits(self, B: int) -> torch.Tensor:
-        key = (B, self.any_lora and self.lora_ctx is not None)
+        """Logits of rows [0, B), replaying the graph of (B, LoRA sites in use) if graphs are on."""
+        use = self.any_lora and self.lora_ctx is not None and any(self.site_mask)
+        key = (B, self.site_mask if use else None)
         if not self.use_graphs:
             return self._decode_forward(*key)
         if key not in self.graphs:
@@ -103,19 +106,20 @@ class BatchState:
         graph.replay()
         return out
 
-    def capture(self, B: int, lora: bool) -> None:
-        """Record the decode step of batch size B as a CUDA graph (after warm-up runs that compile kernels).
-        The warm-up writes keys/values only where the step itself will write them (or to the scratch block)."""
+    def capture(self, B: int, sites: tuple[bool, ...] | None) -> None:
+        """Record the decode step of batch size B (LoRA at `sites`, or none) as a CUDA graph, after warm-up runs
+        that compile the kernels. The warm-up writes keys/values only where the step itself will write them (or
+        to the scratch block), so capturing while requests run is safe."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._decode_forward(B, lora)
+                self._decode_forward(B, sites)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            out = self._decode_forward(B, lora)
-        self.graphs[(B, lora)] = (graph, out)
+            out = self._decode_forward(B, sites)
+        self.graphs[(B, sites)] = (graph, out)
 
     def advance(self, B: int, next_tokens: torch.Tensor) -> None:
         """After a decode step: each active row's next input is its sample, at the next position."""

@@ -27,6 +27,7 @@ class EngineConfig:
     max_gpu_adapters: adapters resident on the device at once (slots); lora_pool_mb: the device buffer that
         holds their packed weights (heterogeneous ranks share it without padding).
     max_host_adapters: packed adapters kept in host memory (LRU); disk holds any number.
+    adapter_load_threads: background threads that read and pack adapters from disk.
     max_lora_rank: the largest rank of one module that the kernels accept.
     max_queue: requests waiting or running beyond which `add_request` raises `QueueFullError` (HTTP 429).
     cuda_graphs: capture decode steps as CUDA graphs (GPU only).
@@ -42,6 +43,7 @@ class EngineConfig:
     max_gpu_adapters: int = 64
     lora_pool_mb: float = 256.0
     max_host_adapters: int = 256
+    adapter_load_threads: int = 2
     max_lora_rank: int = 64
     max_queue: int = 1024
     dtype: str = "auto"
@@ -56,7 +58,7 @@ class EngineConfig:
         _check(isinstance(self.max_model_len, int) and self.max_model_len >= 0,
                f"EngineConfig.max_model_len={self.max_model_len!r}: must be an integer >= 0 (0 = the model's limit).")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size",
-                     "max_gpu_adapters", "max_host_adapters", "max_lora_rank", "max_queue"):
+                     "max_gpu_adapters", "max_host_adapters", "max_lora_rank", "max_queue", "adapter_load_threads"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, f"EngineConfig.{name}={value!r}: must be an integer >= 1.")
         _check(self.num_kv_blocks >= 0, f"EngineConfig.num_kv_blocks={self.num_kv_blocks!r}: must be >= 0 (0 = derive).")

@@ -31,9 +31,10 @@ def tiny_llama_config(vocab_size: int = 258):
 
 def write_demo(out: str | Path, seed: int = 0) -> Path:
     """Create `out/model` and `out/adapters/<name>`; returns `out`."""
+    from transformers import LlamaForCausalLM
+
     import rankwise
     from rankwise.serve.tokenizer import byte_level_tokenizer
-    from transformers import LlamaForCausalLM
 
     out = Path(out)
     torch.manual_seed(seed)

@@ -122,7 +122,8 @@ class Engine:
         self.layout = spec.lora_layout()
         self.adapters = AdapterCache(adapter_dir, self.layout, dtype, device, max_gpu_adapters=config.max_gpu_adapters,
                                      lora_pool_mb=config.lora_pool_mb, max_host_adapters=config.max_host_adapters,
-                                     max_lora_rank=config.max_lora_rank, base_weight=self.model.base_weight)
+                                     max_lora_rank=config.max_lora_rank, base_weight=self.model.base_weight,
+                                     load_threads=config.adapter_load_threads)
         self.scheduler = Scheduler(config, BlockAllocator(num_blocks), self.adapters)
         self.block_t = block_t_for(lora_backend)
         self.r_cap = 3 * config.max_lora_rank
@@ -150,7 +151,7 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model: str | Path, config: EngineConfig = EngineConfig(), adapter_dir=None,
-                        tokenizer=None) -> "Engine":
+                        tokenizer=None) -> Engine:
         """Load a local transformers checkpoint (and its tokenizer, when it has one)."""
         from transformers import AutoModelForCausalLM
 
@@ -253,7 +254,8 @@ class Engine:
         host = torch.tensor([ids, pos, slots], dtype=torch.int64)
         inputs = host.to(dev, non_blocking=True)
         step = build_lora_step(token_slots, self.block_t, self.r_cap, dev)
-        lora = LoraContext(step=step, **self._lora_common) if step is not None else None
+        lora = LoraContext(step=step, sites=self.adapters.site_mask(), **self._lora_common) if step is not None \
+            else None
         self.batch.set_rows([s.row for s in seqs], [s.blocks for s in seqs])
         hidden = self.model.forward(inputs[0], inputs[1], self.kv, AttnBatch(inputs[2], prefill_lens=lens), lora)
         meta = torch.tensor([[s.row for s in seqs], lens, list(itertools.accumulate(lens))], dtype=torch.int64)
@@ -268,6 +270,7 @@ class Engine:
 
     def _launch_decode(self, seqs: list[Sequence]) -> _InFlight:
         self.batch.sync(self.scheduler)
+        self.batch.site_mask = self.adapters.site_mask()
         B = next(b for b in self.config.buckets() if b > self.scheduler.max_row())
         logits = self.batch.decode_logits(B)
         nxt = sample(logits, self.batch.temperature[:B], self.batch.top_p[:B], self.batch.all_greedy, self.generator)
@@ -363,12 +366,22 @@ class Engine:
             self._process(self._inflight.popleft())
         return [final[i] for i in ids]
 
+    def preload(self, names: list[str], on_device: bool = False) -> None:
+        """Read and pack adapters into host memory now (in parallel); with `on_device`, also copy them into
+        device slots (as many as fit) and wait. Call before serving, not while a runner steps the engine."""
+        self.adapters.prefetch(names)
+        if on_device:
+            for name in names[: self.config.max_gpu_adapters]:
+                while self.adapters.acquire(name) is None:
+                    time.sleep(0.0005)
+                self.adapters.release(name)
+
     def warmup(self) -> None:
         """Capture the decode CUDA graphs of every batch size now rather than on first use."""
         if self.batch.use_graphs:
             for b in self.config.buckets():
-                for lora in (False, True):
-                    self.batch.capture(b, lora)
+                for sites in (None, (True, True, False, False), (True,) * 4):
+                    self.batch.capture(b, sites)
             torch.cuda.synchronize()
 
     def stats(self) -> dict:
@@ -382,4 +395,4 @@ class Engine:
         self.adapters.close()
 
 
-__all__ = ["Engine", "Request", "RequestOutput", "QueueFullError", "AdapterError", "SamplingParams", "EngineConfig"]
+__all__ = ["AdapterError", "Engine", "EngineConfig", "QueueFullError", "Request", "RequestOutput", "SamplingParams"]

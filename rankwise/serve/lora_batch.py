@@ -53,7 +53,7 @@ class LoraLayout:
     part_cols: tuple[tuple[int, ...], ...]   # per site: column boundaries of its parts, from 0 to the width
 
     @classmethod
-    def for_model(cls, num_layers: int, hidden: int, q_out: int, kv_out: int, intermediate: int) -> "LoraLayout":
+    def for_model(cls, num_layers: int, hidden: int, q_out: int, kv_out: int, intermediate: int) -> LoraLayout:
         return cls(num_layers, (hidden, q_out, hidden, intermediate),
                    ((0, q_out, q_out + kv_out, q_out + 2 * kv_out), (0, hidden),
                     (0, intermediate, 2 * intermediate), (0, hidden)))
@@ -173,7 +173,7 @@ def pack_adapter(name: str, config: dict, state_dict: dict[str, torch.Tensor], l
             present = [(p, found[(layer, site, p)]) for p in range(n_parts) if (layer, site, p) in found]
             if not present:
                 continue
-            a_rows = torch.cat([parts["A"].float() for _, (_, parts) in present], dim=0)  # (R, in)
+            a_rows = torch.cat([parts["A"].to(dtype) for _, (_, parts) in present], dim=0)  # (R, in)
             offA[layer, site] = put(a_rows)
             rankA[layer, site] = a_rows.shape[0]
             row = 0
@@ -182,7 +182,7 @@ def pack_adapter(name: str, config: dict, state_dict: dict[str, torch.Tensor], l
                 s = lora_scale(float(match_pattern(alpha_pattern, mod, alpha_default)), r, use_rslora)
                 ranks[mod] = r
                 rankB[layer, site, p], r0[layer, site, p], scale[layer, site, p] = r, row, s
-                offB[layer, site, p] = put(parts["B"].float().t())
+                offB[layer, site, p] = put(parts["B"].to(dtype).t())
                 row += r
                 if "magnitude" in parts and config.get("use_dora", False):
                     if base_weight is None:
@@ -196,7 +196,7 @@ def pack_adapter(name: str, config: dict, state_dict: dict[str, torch.Tensor], l
                     dora = True
     data = torch.zeros(max(cursor, ALIGN), dtype=dtype)
     for off, flat in chunks:
-        data[off: off + flat.numel()] = flat.to(dtype)
+        data[off: off + flat.numel()] = flat
     return PackedAdapter(name, data, offA, rankA, offB, rankB, r0, scale, offG, ranks, dora)
 
 
@@ -334,5 +334,17 @@ def pool_elements(mb: float, dtype: torch.dtype) -> int:
     return max(ALIGN, n // ALIGN * ALIGN)
 
 
-__all__ = ["SITES", "LoraLayout", "PackedAdapter", "pack_adapter", "LoraTables", "LoraStep", "plan_blocks",
-           "build_lora_step", "apply_lora", "block_t_for", "dense_delta", "pool_elements"]
+__all__ = [
+    "SITES",
+    "LoraLayout",
+    "LoraStep",
+    "LoraTables",
+    "PackedAdapter",
+    "apply_lora",
+    "block_t_for",
+    "build_lora_step",
+    "dense_delta",
+    "pack_adapter",
+    "plan_blocks",
+    "pool_elements",
+]

@@ -3,7 +3,9 @@
 The weights come from a transformers model; the math follows its modeling code line for line (RMSNorm in
 float32, rotary tables taken from the model's own rotary module so any rope scaling is the same, SDPA scale
 head_dim^-0.5), so outputs match transformers up to the order of floating-point sums. Differences that are
-ours: q/k/v and gate/up run as one fused GEMM each, and every step works on a flat list of tokens:
+ours: q/k/v and gate/up run as one fused GEMM each, on the GPU the elementwise work runs in fused Triton kernels
+(`kernels/triton_fused.py`, whose specification is the PyTorch code here), and every step works on a flat list
+of tokens:
 
     prefill: tokens of whole prompts back to back; causal attention within each prompt
     decode:  one token per batch row; paged attention over the row's cached tokens
@@ -89,6 +91,7 @@ class LoraContext:
     layout: LoraLayout
     max_lora_rank: int
     backend: str
+    sites: tuple[bool, ...] = (True, True, True, True)   # sites some resident adapter uses; others are skipped
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -113,6 +116,8 @@ class LlamaFamilyModel:
         self.cos, self.sin = cos, sin  # (max_positions, head_dim) model dtype
         self.act = act
         self.attention_backend = attention_backend
+        # "triton": paged decode attention and the fused elementwise kernels (GPU); else the PyTorch reference
+        self.use_triton = attention_backend == "triton"
         self.scale = spec.head_dim ** -0.5
 
     @property
@@ -125,7 +130,7 @@ class LlamaFamilyModel:
 
     @classmethod
     def from_hf(cls, hf_model, dtype: torch.dtype, device: torch.device, attention_backend: str = "reference",
-                max_positions: int | None = None) -> "LlamaFamilyModel":
+                max_positions: int | None = None) -> LlamaFamilyModel:
         """Copy (and fuse) the weights of a transformers *ForCausalLM of the Llama family."""
         from transformers.activations import ACT2FN
 
@@ -171,7 +176,7 @@ class LlamaFamilyModel:
 
     def _linear(self, x: torch.Tensor, layer: int, site: int, key: str, lora: LoraContext | None) -> torch.Tensor:
         out = x @ self.w[f"{layer}.{key}"].t()
-        if lora is not None:
+        if lora is not None and lora.sites[site]:
             apply_lora(site, layer, x, out, lora.step, lora.tables, lora.pool, lora.layout, lora.max_lora_rank,
                        lora.backend)
         bias = self.w.get(f"{layer}.{key}_b")
@@ -179,8 +184,7 @@ class LlamaFamilyModel:
 
     def _attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVCache,
                    attn: AttnBatch) -> torch.Tensor:
-        """q: (T, H, D), k, v: (T, H_kv, D) -> (T, H * D)."""
-        kv.write(layer, attn.slot_mapping, k, v)
+        """q: (T, H, D), k, v: (T, H_kv, D) of the new tokens (already in the cache) -> (T, H * D)."""
         T = q.shape[0]
         if attn.prefill_lens is not None:
             outs = []
@@ -194,7 +198,7 @@ class LlamaFamilyModel:
                 outs.append(o[0].transpose(0, 1))                # (n, H, D)
                 start += n
             return torch.cat(outs).reshape(T, -1)
-        if self.attention_backend == "triton":
+        if self.use_triton:
             from rankwise.serve.kernels.triton_attention import paged_decode_attention
 
             o = paged_decode_attention(q, kv.k[layer], kv.v[layer], attn.block_tables, attn.context_lens, self.scale)
@@ -203,29 +207,56 @@ class LlamaFamilyModel:
                                            self.scale)
         return o.reshape(T, -1)
 
+    def _add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, key: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms(residual + x) * w, residual + x): transformers' residual add followed by the next RMSNorm."""
+        if self.use_triton:
+            from rankwise.serve.kernels.triton_fused import add_rms
+
+            return add_rms(x, residual, self.w[key], self.spec.rms_eps)
+        r = x if residual is None else residual + x
+        return _rms(r, self.w[key], self.spec.rms_eps), r
+
+    def _rope_and_store(self, layer: int, qkv: torch.Tensor, positions: torch.Tensor, kv: KVCache,
+                        attn: AttnBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k rotated and k, v stored in the cache: (T, H, D), (T, H_kv, D), (T, H_kv, D)."""
+        s, T = self.spec, qkv.shape[0]
+        v = qkv[:, s.q_out + s.kv_out:].view(T, s.num_kv_heads, s.head_dim)
+        if self.use_triton:
+            from rankwise.serve.kernels.triton_fused import rope_kv
+
+            q, k = rope_kv(qkv, self.cos, self.sin, positions, attn.slot_mapping, kv.k[layer], kv.v[layer],
+                           s.num_heads)
+            return q, k, v
+        cos = self.cos[positions][:, None, :]                            # (T, 1, D)
+        sin = self.sin[positions][:, None, :]
+        q = qkv[:, : s.q_out].view(T, s.num_heads, s.head_dim)
+        k = qkv[:, s.q_out: s.q_out + s.kv_out].view(T, s.num_kv_heads, s.head_dim)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        kv.write(layer, attn.slot_mapping, k, v)
+        return q, k, v
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, attn: AttnBatch,
                 lora: LoraContext | None = None) -> torch.Tensor:
         """input_ids, positions: (T,) -> hidden states (T, hidden) after the final norm."""
         s = self.spec
-        x = self.w["embed"][input_ids]                                   # (T, hidden)
-        cos = self.cos[positions][:, None, :]                            # (T, 1, D)
-        sin = self.sin[positions][:, None, :]
-        T = x.shape[0]
+        h, residual = self._add_norm(self.w["embed"][input_ids], None, "0.ln1")   # (T, hidden)
         for i in range(s.num_layers):
-            h = _rms(x, self.w[f"{i}.ln1"], s.rms_eps)
             qkv = self._linear(h, i, 0, "qkv", lora)                     # (T, q_out + 2 kv_out)
-            q = qkv[:, : s.q_out].view(T, s.num_heads, s.head_dim)
-            k = qkv[:, s.q_out: s.q_out + s.kv_out].view(T, s.num_kv_heads, s.head_dim)
-            v = qkv[:, s.q_out + s.kv_out:].view(T, s.num_kv_heads, s.head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            a = self._attention(i, q, k, v.contiguous(), kv, attn)       # (T, q_out)
-            x = x + self._linear(a, i, 1, "o", lora)
-            h = _rms(x, self.w[f"{i}.ln2"], s.rms_eps)
-            gu = self._linear(h, i, 2, "gu", lora)                       # (T, 2 * intermediate)
-            m = self.act(gu[:, : s.intermediate]) * gu[:, s.intermediate:]
-            x = x + self._linear(m, i, 3, "d", lora)
-        return _rms(x, self.w["norm"], s.rms_eps)
+            q, k, v = self._rope_and_store(i, qkv, positions, kv, attn)
+            a = self._attention(i, q, k, v, kv, attn)                    # (T, q_out)
+            h, residual = self._add_norm(self._linear(a, i, 1, "o", lora), residual, f"{i}.ln2")
+            gu = self._linear(h, i, 2, "gu", lora)                       # (T, 2 intermediate)
+            if self.use_triton and s.hidden_act == "silu":
+                from rankwise.serve.kernels.triton_fused import silu_mul
+
+                m = silu_mul(gu)
+            else:
+                m = self.act(gu[:, : s.intermediate]) * gu[:, s.intermediate:]
+            nxt = f"{i + 1}.ln1" if i + 1 < s.num_layers else "norm"
+            h, residual = self._add_norm(self._linear(m, i, 3, "d", lora), residual, nxt)
+        return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(n, hidden) -> (n, vocab) float32."""

@@ -22,8 +22,8 @@ import enum
 import heapq
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from rankwise.serve.adapter_cache import AdapterCache, AdapterError
 from rankwise.serve.config import EngineConfig, SamplingParams

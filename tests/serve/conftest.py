@@ -7,8 +7,7 @@ import torch
 if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter (read when the kernels are defined)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-
+import pytest
 from tiny_models import tiny_llama
 
 # The CI machine has 2 shared cores: intra-op threads only contend on these tiny matrices.

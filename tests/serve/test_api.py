@@ -8,15 +8,14 @@ import time
 from contextlib import contextmanager
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from rankwise.serve.api import EngineRunner, create_app  # noqa: E402
-from rankwise.serve.config import EngineConfig, SamplingParams  # noqa: E402
-from rankwise.serve.engine import Engine, Request  # noqa: E402
+from rankwise.serve.api import EngineRunner, create_app
+from rankwise.serve.config import EngineConfig, SamplingParams
+from rankwise.serve.engine import Engine, Request
 
 ADAPTERS = ["r4", "mixed", "dora"]
 

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 
 from rankwise.serve.adapter_cache import AdapterError
 from rankwise.serve.config import EngineConfig, SamplingParams
 from rankwise.serve.engine import Engine, QueueFullError, Request
-from tiny_models import tiny_llama
 
 peft = pytest.importorskip("peft")
 

@@ -2,11 +2,18 @@
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 
 from rankwise.io.peft import read_adapter_files
-from rankwise.serve.lora_batch import (LoraLayout, LoraTables, apply_lora, build_lora_step, dense_delta,
-                                       pack_adapter, plan_blocks)
-from tiny_models import tiny_llama
+from rankwise.serve.lora_batch import (
+    LoraLayout,
+    LoraTables,
+    apply_lora,
+    build_lora_step,
+    dense_delta,
+    pack_adapter,
+    plan_blocks,
+)
 
 peft = pytest.importorskip("peft")
 

@@ -7,10 +7,10 @@ from rankwise.serve.kv_cache import KVCache
 from rankwise.serve.model import AttnBatch, LlamaFamilyModel, spec_from_config
 
 
-def _tiny(family: str):
+def _tiny(family: str, hidden: int = 32):
     import transformers as tf
 
-    common = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+    common = dict(vocab_size=96, hidden_size=hidden, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(0)
     if family == "llama":
@@ -22,21 +22,23 @@ def _tiny(family: str):
     return tf.MistralForCausalLM(tf.MistralConfig(**common, sliding_window=None)).eval()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-def test_prefill_and_decode_logits_equal_transformers(family):
-    hf = _tiny(family)
+@pytest.mark.parametrize("family,backend", [("llama", "reference"), ("qwen2", "reference"), ("mistral", "reference"),
+                                            ("llama", "triton")])
+def test_prefill_and_decode_logits_equal_transformers(family, backend):
+    # backend "triton": fused norm / rotary+cache / silu kernels and paged attention (CPU interpreter here)
+    hf = _tiny(family, hidden=32 if backend == "reference" else 64)
     if family == "qwen2":
         with torch.no_grad():
             for layer in hf.model.layers:
                 layer.self_attn.q_proj.bias.normal_()
-    model = LlamaFamilyModel.from_hf(hf, torch.float32, torch.device("cpu"))
+    model = LlamaFamilyModel.from_hf(hf, torch.float32, torch.device("cpu"), attention_backend=backend)
     s = model.spec
     kv = KVCache(s.num_layers, 12, 4, s.num_kv_heads, s.head_dim, torch.float32, torch.device("cpu"))
     ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(ids).logits
     tables = torch.tensor([[3, 1, 7], [2, 9, 4]], dtype=torch.int32)
-    slot = lambda b, p: int(tables[b, p // 4]) * 4 + p % 4  # noqa: E731
+    slot = lambda b, p: int(tables[b, p // 4]) * 4 + p % 4
     n = 7
     hidden = model.forward(torch.cat([ids[0, :n], ids[1, :n]]), torch.arange(n).repeat(2), kv,
                            AttnBatch(torch.tensor([slot(b, p) for b in range(2) for p in range(n)]), [n, n]))

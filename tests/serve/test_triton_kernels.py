@@ -6,8 +6,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from rankwise.serve.kernels.reference import lora_expand_ref, lora_shrink_ref, paged_decode_attention_ref  # noqa: E402
-from rankwise.serve.lora_batch import plan_blocks  # noqa: E402
+from rankwise.serve.kernels.reference import lora_expand_ref, lora_shrink_ref, paged_decode_attention_ref
+from rankwise.serve.lora_batch import plan_blocks
 
 
 def _pool_case(K, parts, ranks, dora, dtype, device, seed=0):
@@ -40,7 +40,7 @@ def _pool_case(K, parts, ranks, dora, dtype, device, seed=0):
                 cursor += parts[p]
     pool = torch.cat(chunks).to(dtype)
     assert pool.numel() == cursor
-    t = lambda x: x.to(device)  # noqa: E731
+    t = lambda x: x.to(device)
     return t(pool), t(offA), t(rankA), t(offB), t(rankB), t(r0), t(scale.contiguous()), t(offG)
 
 
@@ -128,7 +128,7 @@ def test_lora_kernels_real_sizes_gpu(site):
     cycle = [8, 16, 32, 64]
     ranks = [[cycle[(s + p) % 4] for p in range(len(parts))] for s in range(40)]
     slots = [s % 40 for s in range(32)] + [-1] * 3 + [7] * 300
-    y_k, y_r, out_k, out_r, out0, used = _run_lora(len(slots), K, parts, ranks, slots, 16, torch.bfloat16, "cuda")
+    _, _, out_k, out_r, out0, used = _run_lora(len(slots), K, parts, ranks, slots, 16, torch.bfloat16, "cuda")
     torch.testing.assert_close(out_k.float(), out_r.float(), atol=6e-2, rtol=2e-2)
     assert torch.equal(out_k[~used], out0[~used])
 

@@ -1,0 +1,154 @@
+"""Fused elementwise kernels of the decoder layer (GPU path), so that a decode step is ~10 kernels per layer.
+
+Specification: the PyTorch code they replace in `rankwise/serve/model.py` (`_rms`, `_rotate_half` + KVCache.write,
+act * up), which follows transformers' Llama. Each kernel rounds to the model dtype where PyTorch's eager ops
+round (every elementwise op computes in float32 and rounds its result), so bf16 outputs match eager PyTorch:
+
+    add_rms:   r = x + res ;  h = w * (r * rsqrt(mean(r^2) + eps))            (HF: residual add, then RMSNorm)
+    rope_kv:   q' = q cos + rot(q) sin,  k' likewise,  rot(x) = [-x2, x1];  cache[slot] <- (k', v)
+    silu_mul:  a = silu(g) * u
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add_rms_kernel(
+    x_ptr,        # (T, N)
+    res_ptr,      # (T, N) residual, read when HAS_RES
+    w_ptr,        # (N,)
+    out_ptr,      # (T, N) normalised
+    rout_ptr,     # (T, N) x + res, written when HAS_RES
+    N, eps, stride_x, stride_res, stride_out, stride_rout,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(rout_ptr + row * stride_rout + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / N
+    h = (xf * tl.rsqrt(var + eps)).to(out_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + row * stride_out + offs, (w.to(tl.float32) * h.to(tl.float32)).to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def add_rms(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms(x + residual) * weight, x + residual); x, residual: (T, N); weight: (N,). Without a residual: (rms(x)
+    * weight, x)."""
+    if x.dim() != 2 or x.stride(1) != 1 or weight.shape != (x.shape[1],):
+        raise ValueError(f"x must be (T, N) with contiguous rows and weight (N,); got {tuple(x.shape)}, "
+                         f"{tuple(weight.shape)}.")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(1) != 1):
+        raise ValueError(f"residual must match x {tuple(x.shape)} {x.dtype}, got {tuple(residual.shape)} "
+                         f"{residual.dtype}.")
+    out = torch.empty_like(x)
+    rout = torch.empty_like(x) if residual is not None else x
+    if x.shape[0]:
+        _add_rms_kernel[(x.shape[0],)](
+            x, residual if residual is not None else x, weight, out, rout, x.shape[1], eps, x.stride(0),
+            residual.stride(0) if residual is not None else 0, out.stride(0), rout.stride(0),
+            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(x.shape[1]))
+    return out, rout
+
+
+@triton.jit
+def _rope_kv_kernel(
+    qkv_ptr,      # (T, (H + 2 H_kv) D)
+    cos_ptr,      # (max_pos, D)
+    sin_ptr,      # (max_pos, D)
+    pos_ptr,      # (T,) int64
+    slot_ptr,     # (T,) int64 flat cache slot
+    q_ptr,        # (T, H, D) out
+    k_ptr,        # (T, H_kv, D) out
+    kc_ptr,       # (num_slots, H_kv, D) cache
+    vc_ptr,       # (num_slots, H_kv, D) cache
+    stride_qkv, stride_cos,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t)
+    slot = tl.load(slot_ptr + t)
+    half: tl.constexpr = D // 2
+    offs_d = tl.arange(0, D)
+    rot_d = tl.where(offs_d < half, offs_d + half, offs_d - half)
+    sign = tl.where(offs_d < half, -1.0, 1.0)
+    cos = tl.load(cos_ptr + pos * stride_cos + offs_d).to(tl.float32)[None, :]
+    sin = tl.load(sin_ptr + pos * stride_cos + offs_d).to(tl.float32)[None, :]
+    offs_h = tl.arange(0, BLOCK_H)
+    dt = q_ptr.dtype.element_ty
+    row = qkv_ptr + t * stride_qkv
+    # queries: heads [0, H)
+    mq = offs_h[:, None] < H
+    x = tl.load(row + offs_h[:, None] * D + offs_d[None, :], mask=mq, other=0.0)
+    xr = tl.load(row + offs_h[:, None] * D + rot_d[None, :], mask=mq, other=0.0).to(tl.float32) * sign[None, :]
+    xr = xr.to(dt)
+    q = ((x.to(tl.float32) * cos).to(dt).to(tl.float32) + (xr.to(tl.float32) * sin).to(dt).to(tl.float32)).to(dt)
+    tl.store(q_ptr + t * H * D + offs_h[:, None] * D + offs_d[None, :], q, mask=mq)
+    # keys: heads [H, H + H_kv), rotated; values: [H + H_kv, H + 2 H_kv), copied
+    mk = offs_h[:, None] < HKV
+    x = tl.load(row + (H + offs_h[:, None]) * D + offs_d[None, :], mask=mk, other=0.0)
+    xr = tl.load(row + (H + offs_h[:, None]) * D + rot_d[None, :], mask=mk, other=0.0).to(tl.float32) * sign[None, :]
+    xr = xr.to(dt)
+    k = ((x.to(tl.float32) * cos).to(dt).to(tl.float32) + (xr.to(tl.float32) * sin).to(dt).to(tl.float32)).to(dt)
+    tl.store(k_ptr + t * HKV * D + offs_h[:, None] * D + offs_d[None, :], k, mask=mk)
+    tl.store(kc_ptr + slot * HKV * D + offs_h[:, None] * D + offs_d[None, :], k, mask=mk)
+    v = tl.load(row + (H + HKV + offs_h[:, None]) * D + offs_d[None, :], mask=mk, other=0.0)
+    tl.store(vc_ptr + slot * HKV * D + offs_h[:, None] * D + offs_d[None, :], v, mask=mk)
+
+
+def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+            slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of q and k from the fused qkv (T, (H + 2 H_kv) D); stores k', v into the caches
+    (num_blocks, block_size, H_kv, D) at `slot_mapping`; returns q' (T, H, D) and k' (T, H_kv, D)."""
+    T = qkv.shape[0]
+    H_kv, D = k_cache.shape[2], k_cache.shape[3]
+    if qkv.shape[1] != (num_heads + 2 * H_kv) * D or qkv.stride(1) != 1:
+        raise ValueError(f"qkv {tuple(qkv.shape)} does not hold {num_heads} + 2 x {H_kv} heads of {D} contiguously.")
+    if D & (D - 1) or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or cos.stride() != sin.stride():
+        raise ValueError(f"head_dim={D} must be a power of two and the caches and cos/sin tables contiguous.")
+    if positions.dtype != torch.int64 or slot_mapping.dtype != torch.int64:
+        raise ValueError(f"positions and slot_mapping must be int64, got {positions.dtype}, {slot_mapping.dtype}.")
+    q = torch.empty((T, num_heads, D), dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty((T, H_kv, D), dtype=qkv.dtype, device=qkv.device)
+    if T:
+        _rope_kv_kernel[(T,)](qkv, cos, sin, positions, slot_mapping, q, k, k_cache, v_cache, qkv.stride(0),
+                              cos.stride(0), H=num_heads, HKV=H_kv, D=D,
+                              BLOCK_H=triton.next_power_of_2(max(num_heads, H_kv)))
+    return q, k
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, out_ptr, I, stride_gu, stride_out, BLOCK: tl.constexpr):
+    # gu: (T, 2 I) = [gate | up];  out: (T, I)
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < I
+    g = tl.load(gu_ptr + t * stride_gu + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + t * stride_gu + I + offs, mask=mask, other=0.0).to(tl.float32)
+    dt = out_ptr.dtype.element_ty
+    s = (g / (1.0 + tl.exp(-g))).to(dt)
+    tl.store(out_ptr + t * stride_out + offs, (s.to(tl.float32) * u).to(dt), mask=mask)
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gu = [gate | up] (T, 2 I) -> (T, I)."""
+    if gu.dim() != 2 or gu.shape[1] % 2 or gu.stride(1) != 1:
+        raise ValueError(f"gu must be (T, 2 I) with contiguous rows, got {tuple(gu.shape)}.")
+    T, I = gu.shape[0], gu.shape[1] // 2
+    out = torch.empty((T, I), dtype=gu.dtype, device=gu.device)
+    if T:
+        BLOCK = min(1024, triton.next_power_of_2(I))
+        _silu_mul_kernel[(T, triton.cdiv(I, BLOCK))](gu, out, I, gu.stride(0), out.stride(0), BLOCK=BLOCK)
+    return out

@@ -1,0 +1,49 @@
+"""Fused elementwise kernels against the PyTorch code they replace (CPU interpreter; real sizes on a GPU)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from rankwise.serve.model import _rms, _rotate_half
+
+
+def _check(device, dtype, T, H, H_kv, D, N, I):
+    from rankwise.serve.kernels.triton_fused import add_rms, rope_kv, silu_mul
+
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g).to(device, dtype)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1.6e-2)  # 2 bf16 ulps
+    x, res, w = r(T, N), r(T, N), r(N)
+    out, rsum = add_rms(x, res, w, 1e-5)
+    torch.testing.assert_close(rsum, res + x, **tol)  # the interpreter rounds bf16 by truncation; GPUs to nearest
+    torch.testing.assert_close(out, _rms(res + x, w, 1e-5), **tol)
+    torch.testing.assert_close(add_rms(x, None, w, 1e-5)[0], _rms(x, w, 1e-5), **tol)
+
+    qkv = r(T, (H + 2 * H_kv) * D)
+    cos, sin = r(64, D), r(64, D)
+    pos = torch.randint(0, 64, (T,), generator=g).to(device)
+    slots = torch.randperm(6 * 4, generator=g)[:T].to(device)
+    kc = torch.zeros(6, 4, H_kv, D, dtype=dtype, device=device)
+    vc = torch.zeros_like(kc)
+    q, k = rope_kv(qkv, cos, sin, pos, slots, kc, vc, H)
+    qr = qkv[:, : H * D].view(T, H, D)
+    kr = qkv[:, H * D: (H + H_kv) * D].view(T, H_kv, D)
+    c, s = cos[pos][:, None], sin[pos][:, None]
+    torch.testing.assert_close(q, qr * c + _rotate_half(qr) * s, **tol)
+    torch.testing.assert_close(k, kr * c + _rotate_half(kr) * s, **tol)
+    torch.testing.assert_close(kc.view(-1, H_kv, D)[slots], k, atol=0, rtol=0)  # the cache holds what is returned
+    torch.testing.assert_close(vc.view(-1, H_kv, D)[slots], qkv[:, (H + H_kv) * D:].view(T, H_kv, D), atol=0, rtol=0)
+
+    gu = r(T, 2 * I)
+    torch.testing.assert_close(silu_mul(gu), torch.nn.functional.silu(gu[:, :I]) * gu[:, I:], **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kernels_match_pytorch_interpreter(dtype):
+    _check("cpu", dtype, T=5, H=4, H_kv=2, D=16, N=48, I=40)
+
+
+@pytest.mark.gpu
+def test_fused_kernels_match_pytorch_real_sizes_gpu():
+    _check("cuda", torch.bfloat16, T=24, H=32, H_kv=8, D=64, N=2048, I=8192)
