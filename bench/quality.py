@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int)
     p.add_argument("--train-samples", type=int, help="training rows per task (default: all)")
     p.add_argument("--eval-samples", type=int, help="dev rows per task (default: all)")
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-ratio", type=float, default=0.06)
     p.add_argument("--eval-batch-size", type=int, default=128)
     p.add_argument("--allocator-options", default="{}", help='JSON {"allocator": {option: value}}')
@@ -140,10 +140,10 @@ def calibrate(job: dict[str, Any]) -> float:
 
     task, base, pad = _task(job["task"])
     t = time.perf_counter()
-    run_row({**job, "steps": 10}, base, task, pad)
+    run_row({**job, "steps": 10, "evaluate": False}, base, task, pad)
     short = time.perf_counter() - t
     t = time.perf_counter()
-    run_row({**job, "steps": 40}, base, task, pad)
+    run_row({**job, "steps": 40, "evaluate": False}, base, task, pad)
     return (time.perf_counter() - t - short) / 30
 
 
@@ -177,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     # seed-major order: if the time limit cuts the run short, whole seeds are complete for every method
     jobs = [{**base_job, "task": t, "method": m, "budget": k, "seed": s}
             for s in args.seeds for t in args.tasks for k in args.budgets for m in methods]
+    import peft
+    import transformers
+
+    where = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {os.cpu_count()} cores"
+    print(f"# {where}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
     print(f"# {len(jobs)} rows: tasks {args.tasks}, budgets {args.budgets}, seeds {args.seeds}, methods {methods}; "
           f"device {device}, {args.workers} worker(s); results -> {out}", flush=True)
 

@@ -208,7 +208,7 @@ def run_row(job: dict[str, Any], base: nn.Module, task: Task, pad_id: int) -> di
         hook.finalize()
     _sync(device)
     wall = time.perf_counter() - t0
-    metrics = evaluate(model, task, pad_id, device, job["eval_batch_size"])
+    metrics = evaluate(model, task, pad_id, device, job["eval_batch_size"]) if job.get("evaluate", True) else {"score": 0.0}
     tail = losses[-max(1, steps // 10):]
     result = {
         **{key: job[key] for key in ("task", "method", "budget", "seed", "steps", "batch_size", "lr")},
