@@ -16,6 +16,7 @@ the weight GEMMs alone replayed as one CUDA graph; greedy outputs against PEFT (
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -248,6 +249,7 @@ def fp32_peft_check(root: Path, n_req=16, new=16) -> dict:
                           f"c{i}")) for i, (_, r) in enumerate(workload(n_req, 1.0, [], 1.0, 3, lo=8, hi=40))]
     outs = engine.generate([r for _, r in reqs])
     del engine
+    gc.collect()
     same = 0
     for adapter in sorted({r.adapter for _, r in reqs}, key=str):
         model = build_hf(torch.float32, layers=2)
@@ -261,6 +263,9 @@ def fp32_peft_check(root: Path, n_req=16, new=16) -> dict:
                                  eos_token_id=None, pad_token_id=0)[0, x.shape[1]:].tolist()
             same += ref == out.output_ids
         del model
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
     return {"requests": n_req, "identical_to_peft": same, "adapters": len(names)}
 
 

@@ -32,6 +32,7 @@ class BatchState:
         self.temperature = torch.zeros(R, dtype=torch.float32, device=dev)
         self.top_p = torch.ones(R, dtype=torch.float32, device=dev)
         self.l_meta = torch.zeros((4, R), dtype=torch.int32, device=dev)   # tok_idx, blk_start, blk_end, blk_slot
+        self.l_meta[3] = -1
         self.l_y = torch.zeros((R, r_cap), dtype=torch.float32, device=dev)
         self.version = -1
         self.any_lora = False
