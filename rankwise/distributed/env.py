@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,19 +127,27 @@ def main_process_first() -> Iterator[None]:
         barrier()
 
 
-def shard_batch(batch: Any, rank: int, world_size: int, *, parts: str = "processes") -> Any:
+def shard_batch(batch: Any, rank: int, world_size: int, *, uneven: bool = False, parts: str = "processes") -> Any:
     """This process's rows of a global batch: tensors (and lists) split along dim 0 into `world_size` equal
     contiguous parts, part `rank` returned. Dicts and tuples are split entry by entry; other values are
     passed through. Raises when the batch size does not divide evenly (unequal shards would weigh rows
-    differently from a single process)."""
+    differently from a single process), unless `uneven`: then parts differ by at most one row, and a batch
+    with fewer rows than processes goes whole to every process (the average of identical gradients is the
+    batch's gradient), e.g. the short last batch of an epoch."""
     if world_size == 1:
         return batch
     if isinstance(batch, dict):
-        return {k: shard_batch(v, rank, world_size, parts=parts) for k, v in batch.items()}
+        return {k: shard_batch(v, rank, world_size, uneven=uneven, parts=parts) for k, v in batch.items()}
     if isinstance(batch, tuple):
-        return tuple(shard_batch(v, rank, world_size, parts=parts) for v in batch)
+        return tuple(shard_batch(v, rank, world_size, uneven=uneven, parts=parts) for v in batch)
     if isinstance(batch, (torch.Tensor, list)):
         n = len(batch)
+        if n % world_size and uneven:
+            if n < world_size:
+                return batch
+            base, extra = divmod(n, world_size)
+            start = rank * base + min(rank, extra)
+            return batch[start: start + base + (1 if rank < extra else 0)]
         if n % world_size:
             raise ValueError(
                 f"A batch of {n} rows cannot be split evenly into {world_size} {parts}; use a batch size that "
@@ -153,6 +161,83 @@ def shard_batch(batch: Any, rank: int, world_size: int, *, parts: str = "process
 def split_micro_batches(batch: Any, n: int) -> list[Any]:
     """Split one (per-process) batch into `n` equal micro-batches for gradient accumulation."""
     return [shard_batch(batch, i, n, parts="micro-batches") for i in range(n)]
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (tuple, list)) else ()
+    for item in items:
+        found = _first_tensor(item)
+        if found is not None:
+            return found
+    return None
+
+
+def _outputs_to(output: Any, device: torch.device) -> Any:
+    """Tensors of a model output moved to `device`; ModelOutput-like dicts are updated in place (they keep
+    their class and attribute access)."""
+    if isinstance(output, torch.Tensor):
+        return output.to(device)
+    if isinstance(output, dict):
+        for key in list(output.keys()):
+            if isinstance(output[key], torch.Tensor):
+                output[key] = output[key].to(device)
+        return output
+    if isinstance(output, tuple):
+        return type(output)(_outputs_to(v, device) for v in output) if type(output) is tuple else output
+    return output
+
+
+def bridge_device(model: torch.nn.Module, device: torch.device | None = None) -> Callable[[], None]:
+    """From now on, calls of `model` get their tensor arguments moved to `device` (None: the device of the
+    model's first parameter at call time) and give their tensor outputs back on the device the inputs came
+    from (as accelerate's io_same_device does), so code written for a CPU model (evaluation loops,
+    `generate`, allocators' calibration) runs unchanged on a GPU model. Inputs already on the device cost
+    nothing. Mutates `model` (two hooks); returns a function that removes them."""
+    origins: list[torch.device | None] = []
+
+    def pre(module, args, kwargs):
+        first = _first_tensor((args, kwargs))
+        origins.append(first.device if first is not None else None)
+        target = device if device is not None else next(module.parameters()).device
+        return to_device(args, target), to_device(kwargs, target)
+
+    def post(module, args, kwargs, output):
+        origin = origins.pop()
+        moved = _first_tensor(output)
+        if origin is None or moved is None or moved.device == origin:
+            return output
+        return _outputs_to(output, origin)
+
+    handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
+               model.register_forward_hook(post, with_kwargs=True)]
+
+    def remove() -> None:
+        for h in handles:
+            h.remove()
+
+    return remove
+
+
+@contextlib.contextmanager
+def inputs_on_device(model: torch.nn.Module, device: torch.device | None = None) -> Iterator[None]:
+    """`bridge_device` for the duration of the block."""
+    remove = bridge_device(model, device)
+    try:
+        yield
+    finally:
+        remove()
+
+
+def mean_over_processes(value: float) -> float:
+    """The average of a number over the processes (itself in a single process); a collective."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    env = current_env()
+    t = torch.tensor([float(value)], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

@@ -5,6 +5,12 @@
            train_step (rankwise.train.loop) -> log -> evaluate every eval_every -> checkpoint every save_every
     -> allocator.finalize -> final evaluation -> adapter (PEFT format), metrics.json, rank plots
 
+Several processes (`torchrun --nproc-per-node N rankwise train ...` or `accelerate launch`): every process
+builds the same run; each step's batch is split by process (rankwise.distributed.shard_batch) and
+`ParallelModel` averages the gradients (DDP; FSDP2 for the frozen base with ACCELERATE_USE_FSDP=true or
+RANKWISE_STRATEGY=fsdp); process 0 alone writes logs, checkpoints and the adapter. The states are replicated,
+so a checkpoint resumes on any number of processes.
+
 Exact resume: the batch of step t is a pure function of (seed, epoch, index) (`DataStream`), and a checkpoint
 holds the adapter at its current ranks, optimizer, scheduler, allocator and RNG states, so a resumed run takes
 the same steps as an uninterrupted one. Ctrl-C sets a flag; the loop finishes the current step, writes a
@@ -16,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -30,6 +37,8 @@ import yaml
 
 from rankwise.allocate import Budget, make_allocator
 from rankwise.config import LoraConfig
+from rankwise.distributed import ParallelConfig, ParallelModel, bridge_device, init_distributed, mean_over_processes
+from rankwise.distributed import shard_batch, to_device
 from rankwise.inject import inject, select_targets
 from rankwise.io import checkpoint as ckpt
 from rankwise.io.peft import save_adapter
@@ -45,6 +54,15 @@ FREE_ON_RESUME = {  # fields a resumed run may change: they do not affect the tr
     "resume", "progress", "tensorboard", "plot", "eval_every", "save_every", "keep_checkpoints", "log_every",
     "threads", "eval_generate", "max_new_tokens", "eval_file", "max_eval_samples", "eval_batch_size",
 }
+
+
+class QuietLog:
+    """The log of processes other than 0 in a distributed run: they write nothing."""
+
+    def write(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    message = progress = close = write
 
 
 @dataclass
@@ -165,6 +183,8 @@ class Run:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
+        self.env = init_distributed()  # launched by torchrun / accelerate: one process per GPU
+        self.parallel = ParallelConfig(strategy=os.environ.get("RANKWISE_STRATEGY", "auto"))
         self.task: Task = make_task(cfg)
         self.train_examples = self.task.read(cfg.train_file, cfg.max_train_samples, train=True)
         self.eval_examples = (self.task.read(cfg.eval_file, cfg.max_eval_samples, train=False)
@@ -180,6 +200,10 @@ class Run:
             modules_to_save=self.task.modules_to_save(self.model),
         )
         inject(self.model, self.lora)
+        if self.env.distributed:  # DDP: a replica per GPU; FSDP moves its shards there itself
+            if self.parallel.resolved_strategy() == "ddp":
+                self.model.to(self.env.device)
+            bridge_device(self.model)  # calibration / evaluation batches follow the model to its device
         self.stream = DataStream(self.train_examples, cfg.batch_size, cfg.seed)
         per_epoch = math.ceil(len(self.train_examples) / cfg.batch_size)
         self.total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch))
@@ -194,6 +218,7 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.scheduler, warmup, self.total_steps))
         self.allocator.attach(self.optimizer)
+        self.pm = ParallelModel(self.model, self.parallel, allocator=self.allocator, env=self.env)
 
     @staticmethod
     def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -209,6 +234,8 @@ class Run:
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def checkpoint(self) -> Path:
+        if not self.env.is_main:  # the processes hold the same state: process 0 writes it
+            return self.ckpt_dir
         path = ckpt.save_checkpoint(
             self.ckpt_dir, self.step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
             allocator=self.allocator, data_state=self.stream.state(), keep=self.cfg.keep_checkpoints,
@@ -260,15 +287,18 @@ class Run:
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
+        main = self.env.is_main
         if cfg.resume:
             path = self.resume_path()
             self.restore(path)
-            RunLog.truncate(self.out, self.step)
-        else:
+            if main:
+                RunLog.truncate(self.out, self.step)
+        elif main:
             (self.out / "log.jsonl").unlink(missing_ok=True)
-        (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if main:
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         log = RunLog(self.out, tensorboard=cfg.tensorboard, progress=cfg.progress, total_steps=self.total_steps,
-                     start_step=self.step)
+                     start_step=self.step) if main else QuietLog()
         if cfg.resume:
             log.message(f"resumed from {path} at step {self.step}")
         seen = len(self.allocator.history)
@@ -279,8 +309,12 @@ class Run:
                     start = time.perf_counter()
                     self.step += 1
                     batch = self.task.collate(self.stream.next())
-                    loss = train_step(self.model, batch, self.step, self.optimizer, allocator=self.allocator,
+                    if self.env.distributed:  # this process's rows of the step's batch
+                        batch = to_device(shard_batch(batch, self.env.rank, self.env.world_size, uneven=True),
+                                          self.env.device)
+                    loss = train_step(self.pm, batch, self.step, self.optimizer, allocator=self.allocator,
                                       loss_fn=self.loss_fn, scheduler=self.scheduler, grad_clip=cfg.grad_clip)
+                    loss = mean_over_processes(loss)
                     self.train_seconds += time.perf_counter() - start
                     seen = self._after_step(log, loss, seen)
                     if flag["stop"] and self.step < self.total_steps:
@@ -315,7 +349,9 @@ class Run:
     def finish(self) -> dict[str, Any]:
         cfg = self.cfg
         self.allocator.finalize()
-        log = RunLog(self.out, tensorboard=cfg.tensorboard, progress=False, total_steps=self.total_steps)
+        main = self.env.is_main
+        log = RunLog(self.out, tensorboard=cfg.tensorboard, progress=False, total_steps=self.total_steps) if main \
+            else QuietLog()
         try:
             metrics = self.evaluate(log) if self.eval_examples else {}
             params = adapter_param_count(self.model)
@@ -327,6 +363,8 @@ class Run:
             log.write("final", step=self.step, **{k: v for k, v in summary.items() if k != "eval"}, **metrics)
         finally:
             log.close()
+        if not main:  # every process evaluated (FSDP needs all of them); process 0 writes
+            return summary
         meta = {**self.task.metadata(), "method": cfg.method, "budget": cfg.budget, "steps": self.step,
                 "eval": metrics, "base_model": str(Path(cfg.model).resolve())}
         save_adapter(self.model, self.out / "adapter", history=self.allocator.history, metadata=meta,

@@ -1,0 +1,94 @@
+"""`rankwise train` (rankwise.train.runner) in 2 gloo processes against one process: same adapter and rank
+decisions, one writer, and a 2-process checkpoint resumed by one process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rankwise.train.config import TrainConfig
+from rankwise.train.runner import train
+
+from allocate.dist_utils import run_distributed
+from tiny_models import tiny_bert
+from train_fixtures import sst_files, word_tokenizer  # noqa: F401  (pytest fixtures)
+
+STEPS = 6
+
+
+def _config(model: Path, files, out: Path, **over) -> dict:
+    train_file, dev_file = files
+    cfg = dict(model=str(model), train_file=str(train_file), eval_file=str(dev_file), output_dir=str(out),
+               method="adalora", budget="r2", steps=STEPS, batch_size=8, max_length=16, max_train_samples=48,
+               max_eval_samples=16, save_every=3, lr=5e-3, threads=1, progress=False, plot=False,
+               tensorboard=False, allocator_options={"interval": 1, "warmup_steps": 1, "final_steps": 1})
+    cfg.update(over)
+    return cfg
+
+
+def run_train(rank: int, world: int, cfg: dict) -> dict:
+    return train(TrainConfig(**cfg))
+
+
+def _adapter(out: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    return (load_file(str(out / "adapter" / "adapter_model.safetensors")),
+            (out / "adapter" / "rank_history.jsonl").read_text().splitlines())
+
+
+def _assert_close(a: Path, b: Path) -> None:
+    (ta, ha), (tb, hb) = _adapter(a), _adapter(b)
+    assert [json.loads(x)["new_rank"] for x in ha] == [json.loads(x)["new_rank"] for x in hb]
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        assert ta[key].shape == tb[key].shape, key
+        assert torch.allclose(ta[key], tb[key], atol=1e-5), f"{key}: {(ta[key] - tb[key]).abs().max():.3g}"
+
+
+@pytest.fixture(scope="module")
+def cls_model_dir(tmp_path_factory) -> Path:
+    """The tiny BERT without dropout: dropout masks depend on how the batch is split, so they would differ."""
+    path = tmp_path_factory.mktemp("tiny-bert-no-dropout")
+    model = tiny_bert(seed=0)
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+    model.save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cls_model_dir, sst_files):  # noqa: F811
+    one = tmp_path_factory.mktemp("one")
+    two = tmp_path_factory.mktemp("two")
+    train(TrainConfig(**_config(cls_model_dir, sst_files, one)))
+    summaries = run_distributed(run_train, 2, (_config(cls_model_dir, sst_files, two),), timeout_s=120)
+    return one, two, summaries
+
+
+def test_two_processes_train_the_adapter_of_one(runs):
+    one, two, summaries = runs
+    history = (one / "adapter" / "rank_history.jsonl").read_text().splitlines()
+    assert history and json.loads(history[0])["allocator"] == "adalora", "AdaLoRA must resize in this run"
+    _assert_close(one, two)
+    m1, m2 = (json.loads((p / "metrics.json").read_text()) for p in (one, two))
+    assert m1["eval"]["accuracy"] == m2["eval"]["accuracy"]
+    assert summaries[0]["eval"] == summaries[1]["eval"]  # every process evaluated the same model
+
+
+def test_process_0_alone_writes(runs):
+    one, two, _ = runs
+    lines = lambda p: [json.loads(x) for x in (p / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [(r["type"], r.get("step")) for r in lines(two)] == [(r["type"], r.get("step")) for r in lines(one)]
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-00000003"]
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process(runs, cls_model_dir, sst_files, tmp_path):  # noqa: F811
+    _, two, _ = runs
+    shutil.copytree(two, tmp_path / "finished")  # the resumed run writes its adapter into the same folder
+    cfg = _config(cls_model_dir, sst_files, two, resume=str(two / "checkpoints" / "step-00000003"))
+    train(TrainConfig(**cfg))
+    _assert_close(tmp_path / "finished", two)
