@@ -23,13 +23,18 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TARGET_PROGRAMS = 264
 
 
+# Read once: triton decides between compiling and interpreting when the kernels are defined (import time).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """Triton's input_precision for an fp32 dot, following PyTorch's TF32 switch."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    """Triton's input_precision for an fp32 dot, following PyTorch's TF32 switch
+    (torch.backends.cuda.matmul.allow_tf32, read through its C getter: the attribute costs microseconds)."""
+    if dtype == torch.float32 and not torch._C._get_cublas_allow_tf32():
         return "ieee"
     return "tf32"
 

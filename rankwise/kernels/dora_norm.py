@@ -95,7 +95,8 @@ def _dora_norm_finish_kernel(
     o_ok = ro < O
     r_ok = rr < R
     bs = tl.load(B + ro[:, None] * stride_bo + rr[None, :] * stride_br, mask=o_ok[:, None] & r_ok[None, :],
-                 other=0.0).to(tl.float32) * scale  # (BLOCK_O, BLOCK_R)
+                 other=0.0).to(tl.float32)
+    bs = (bs * scale).to(tl.float32)  # (BLOCK_O, BLOCK_R); under torch.compile a float argument may arrive as fp64
     wa = tl.load(WA + ro[:, None] * R + rr[None, :], mask=o_ok[:, None] & r_ok[None, :], other=0.0)
     gram = tl.load(G + rr[:, None] * R + rr[None, :], mask=r_ok[:, None] & r_ok[None, :], other=0.0)
     sq = tl.load(SQ + ro, mask=o_ok, other=0.0)
@@ -120,11 +121,11 @@ def launch_dora_row_norm(w, a, b, scale, prec, block_o=None, block_k=None):
     cols_per_chunk = cdiv(k_blocks, chunks) * block_k
     block_r = rank_block(R)
     _dora_norm_partial_kernel[(o_blocks, max(1, cdiv(K, cols_per_chunk)))](
-        w, a, wa, sq, gram, O, K, R, cols_per_chunk, w.stride(0), w.stride(1), a.stride(0), a.stride(1),
+        w, a, wa, sq, gram, O, K, R, cols_per_chunk, w.stride()[0], w.stride()[1], a.stride()[0], a.stride()[1],
         BLOCK_O=block_o, BLOCK_K=block_k, BLOCK_R=block_r, PREC=prec, INTERPRET=interp, num_warps=4, num_stages=3,
     )
     _dora_norm_finish_kernel[(cdiv(O, 64),)](
-        wa, sq, gram, b, norm, O, R, b.stride(0), b.stride(1), scale,
+        wa, sq, gram, b, norm, O, R, b.stride()[0], b.stride()[1], scale,
         BLOCK_O=64, BLOCK_R=block_r, PREC=prec, INTERPRET=interp, num_warps=4,
     )
     return norm

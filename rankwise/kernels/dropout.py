@@ -89,5 +89,5 @@ def dropout_keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> tor
     out = torch.empty(rows, cols, dtype=torch.int8, device=seed.device)
     if rows and cols:
         grid = (cdiv(rows, 32), cdiv(cols, 64))
-        _mask_kernel[grid](seed, out, rows, cols, out.stride(0), threshold16(p), BLOCK_M=32, BLOCK_N=64)
+        _mask_kernel[grid](seed, out, rows, cols, out.stride()[0], threshold16(p), BLOCK_M=32, BLOCK_N=64)
     return out.bool()

@@ -121,7 +121,7 @@ def lora_expand_(
     _expand_kernel[grid](
         y, g, b, bias if bias is not None else dummy, f if f is not None else dummy,
         post_bias if post_bias is not None else dummy, seed if p > 0 else dummy, M, N, R,
-        y.stride(0), y.stride(1), g.stride(0), g.stride(1), b.stride(0), b.stride(1),
+        y.stride()[0], y.stride()[1], g.stride()[0], g.stride()[1], b.stride()[0], b.stride()[1],
         float(scale), threshold16(p),
         HAS_BIAS=bias is not None, HAS_F=f is not None, HAS_POST=post_bias is not None, HAS_DROPOUT=p > 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, PREC=dot_precision(y.dtype), INTERPRET=interp,

@@ -197,10 +197,10 @@ def launch_grad_dy(dy, h, b_f, scale, dh, db, colsum, y, dotsum, prec, block_m=N
     _grad_dy_kernel[(n_blocks, chunks)](
         dy, h if h is not None else dummy, b_f if b_f is not None else dummy, y if y is not None else dummy,
         dh if dh is not None else dummy, db if db is not None else dummy, colsum if colsum is not None else dummy,
-        dotsum if dotsum is not None else dummy, M, N, R, rows_per_chunk, dy.stride(0), dy.stride(1),
-        h.stride(0) if h is not None else 0, b_f.stride(0) if b_f is not None else 0,
-        b_f.stride(1) if b_f is not None else 0, y.stride(0) if y is not None else 0,
-        y.stride(1) if y is not None else 0, scale,
+        dotsum if dotsum is not None else dummy, M, N, R, rows_per_chunk, dy.stride()[0], dy.stride()[1],
+        h.stride()[0] if h is not None else 0, b_f.stride()[0] if b_f is not None else 0,
+        b_f.stride()[1] if b_f is not None else 0, y.stride()[0] if y is not None else 0,
+        y.stride()[1] if y is not None else 0, scale,
         HAS_DH=dh is not None, HAS_DB=db is not None, HAS_CSUM=colsum is not None, HAS_DOT=dotsum is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=rank_block(R), PREC=prec, INTERPRET=interp,
         num_warps=num_warps, num_stages=num_stages,
@@ -258,7 +258,7 @@ def launch_grad_x(x, dh, a, dx, da, seed, p, prec, block_m=None, block_k=None, n
     xx = x if x is not None else act
     _grad_x_kernel[(k_blocks, chunks)](
         xx, dh, a, act, da if da is not None else dh, seed if p > 0 else dh, M, K, R, rows_per_chunk,
-        xx.stride(0), xx.stride(1), dh.stride(0), a.stride(0), a.stride(1), act.stride(0), act.stride(1),
+        xx.stride()[0], xx.stride()[1], dh.stride()[0], a.stride()[0], a.stride()[1], act.stride()[0], act.stride()[1],
         1.0 / (1.0 - p), threshold16(p),
         HAS_DA=da is not None, HAS_DX=dx is not None, HAS_DROPOUT=p > 0,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=rank_block(R), PREC=prec, INTERPRET=interp,

@@ -119,8 +119,8 @@ def launch_forward(x, a, b, y, scale, lora_bias, f, post_bias, seed, p, prec, bl
     _lora_forward_kernel[(cdiv(M, block_m),)](
         x, a, b, h, y, lora_bias if lora_bias is not None else dummy, f if f is not None else dummy,
         post_bias if post_bias is not None else dummy, seed if p > 0 else dummy, M, K, N, R,
-        x.stride(0), x.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1), h.stride(0),
-        y.stride(0), y.stride(1), scale, 1.0 / (1.0 - p), threshold16(p),
+        x.stride()[0], x.stride()[1], a.stride()[0], a.stride()[1], b.stride()[0], b.stride()[1], h.stride()[0],
+        y.stride()[0], y.stride()[1], scale, 1.0 / (1.0 - p), threshold16(p),
         HAS_LB=lora_bias is not None, HAS_F=f is not None, HAS_POST=post_bias is not None, HAS_DROPOUT=p > 0,
         BLOCK_M=block_m, BLOCK_K=32 if interp else 128, BLOCK_N=32 if interp else 128, BLOCK_R=rank_block(R),
         PREC=prec, INTERPRET=interp, num_warps=num_warps, num_stages=num_stages,

@@ -38,7 +38,9 @@ _TINY_FACTOR = 1e-12
 
 
 def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
-    return None if grad is None or like is None else grad.to(like.dtype)
+    if grad is None or like is None:
+        return None
+    return grad if grad.dtype == like.dtype else grad.to(like.dtype)
 
 
 def _adapter_forward(x2, y, A, B, scale, lora_bias, f, post_bias, seed, p):
@@ -67,22 +69,40 @@ def _adapter_backward(dy2, x2, h, A, B_f, scale, seed, p, dx, y, *, need_A, need
         return dA, dB, colsum, dotsum
     prec = dot_precision(dy2.dtype)
     atomic_dh = need_dh and N <= DH_ATOMIC_MAX_COLUMNS
-    # One zeroed fp32 buffer for everything accumulated atomically: [dh | dB | dA | colsum | dotsum].
-    n_dh, n_dB, n_dA = M * R if atomic_dh else 0, N * R if need_B else 0, R * K if need_A else 0
-    n_cs, n_ds = N if need_lb else 0, N if need_dot else 0
-    flat = torch.zeros(n_dh + n_dB + n_dA + n_cs + n_ds, dtype=torch.float32, device=dy2.device)
-    o1, o2, o3, o4 = n_dh, n_dh + n_dB, n_dh + n_dB + n_dA, n_dh + n_dB + n_dA + n_cs
-    dh = flat[:o1].view(M, R) if atomic_dh else (lora_shrink(dy2, B_f.t(), scale=scale) if need_dh else None)
-    dB = flat[o1:o2].view(N, R) if need_B else None
-    dA = flat[o2:o3].view(R, K) if need_A else None
-    colsum = flat[o3:o4] if need_lb else None
-    dotsum = flat[o4:] if need_dot else None
+    # One zeroed fp32 buffer (one memset) for everything accumulated atomically: [dh | dB | dA | colsum | dotsum].
+    sizes = [M * R if atomic_dh else 0, N * R if need_B else 0, R * K if need_A else 0, N if need_lb else 0,
+             N if need_dot else 0]
+    parts = torch.zeros(sum(sizes), dtype=torch.float32, device=dy2.device).split_with_sizes(sizes)
+    dh = parts[0].view(M, R) if atomic_dh else (lora_shrink(dy2, B_f.t(), scale=scale) if need_dh else None)
+    dB = parts[1].view(N, R) if need_B else None
+    dA = parts[2].view(R, K) if need_A else None
+    colsum = parts[3] if need_lb else None
+    dotsum = parts[4] if need_dot else None
     if atomic_dh or need_B or need_lb or need_dot:
         launch_grad_dy(dy2, h if need_B else None, B_f if atomic_dh else None, scale, dh if atomic_dh else None,
                        dB, colsum, y if need_dot else None, dotsum, prec)
     if need_dh:
         launch_grad_x(x2 if need_A else None, dh, A, dx, dA, seed, p, prec)
     return dA, dB, colsum, dotsum
+
+
+def _save(ctx, activations: tuple, params: tuple) -> None:
+    """Activations go through save_for_backward, so saved-tensor hooks (gradient checkpointing, offloading) see
+    them; the weights stay on ctx: under checkpointing each saved tensor costs a Python hook call each way, and
+    weights need neither recomputation nor offloading. torch.compile traces save_for_backward only, so under
+    compilation everything goes there."""
+    if torch.compiler.is_compiling():
+        ctx.save_for_backward(*activations, *params)
+        ctx.params = None
+    else:
+        ctx.save_for_backward(*activations)
+        ctx.params = params
+
+
+def _load(ctx) -> tuple:
+    """The activations, then the weights, in the order given to _save."""
+    saved = ctx.saved_tensors
+    return saved if ctx.params is None else saved + ctx.params
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -92,13 +112,13 @@ class _LoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, in_features)  # (M, in)
         y = F.linear(x2, weight, bias)  # (M, out)
         h = _adapter_forward(x2, y, lora_A, lora_B, scale, lora_bias, None, None, seed, p)  # (M, r) fp32
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, lora_bias, h, seed)
+        _save(ctx, (x2, h), (weight, lora_A, lora_B, lora_bias, seed))
         ctx.scale, ctx.p, ctx.x_shape = scale, p, x.shape
         return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, A, B, lora_bias, h, seed = ctx.saved_tensors
+        x2, h, weight, A, B, lora_bias, seed = _load(ctx)
         need_x, _, _, need_A, need_B, need_lb = ctx.needs_input_grad[:6]
         dy2 = dy.reshape(-1, weight.shape[0])  # (M, out)
         dx = dy2 @ weight if need_x else None  # (M, in); the adapter adds its share in place
@@ -114,17 +134,17 @@ class _DoraLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, lora_bias, factor, scale: float):
         out_features, in_features = weight.shape
         f = factor.detach()
-        f = torch.where(f == 0, torch.full_like(f, _TINY_FACTOR), f)  # (out,)
+        f = torch.where(f == 0, _TINY_FACTOR, f)  # (out,)
         x2 = x.reshape(-1, in_features)  # (M, in)
         y = F.linear(x2, weight)  # (M, out) = x W^T, the base bias is added by the kernel after the factor
         h = _adapter_forward(x2, y, lora_A, lora_B, scale, lora_bias, f, bias, None, 0.0)
-        ctx.save_for_backward(x2, weight, bias, lora_A, lora_B, lora_bias, h, f, y)
+        _save(ctx, (x2, h, y), (weight, bias, lora_A, lora_B, lora_bias, f))
         ctx.scale, ctx.x_shape = scale, x.shape
         return y.view(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, bias, A, B, lora_bias, h, f, y = ctx.saved_tensors
+        x2, h, y, weight, bias, A, B, lora_bias, f = _load(ctx)
         s = ctx.scale
         need_x, _, _, need_A, need_B, need_lb, need_f = ctx.needs_input_grad[:7]
         dy2 = dy.reshape(-1, weight.shape[0])  # (M, out); dz = dy ⊙ f is never materialised
@@ -134,10 +154,11 @@ class _DoraLinear(torch.autograd.Function):
                 dx = dy2 @ torch.mul(weight, f[:, None], out=torch.empty_like(weight))
             else:
                 dx = torch.mul(dy2, f, out=torch.empty_like(dy2)) @ weight
+        f_col = f[:, None]
         dA, P, colsum, dotsum = _adapter_backward(
-            dy2, x2, h, A, B * f[:, None], s, None, 0.0, dx, y, need_A=need_A, need_B=need_B,
+            dy2, x2, h, A, B * f_col, s, None, 0.0, dx, y, need_A=need_A, need_B=need_B,
             need_lb=need_lb or (need_f and bias is not None), need_dot=need_f)
-        dB = P * f[:, None] if need_B else None  # s (dy ⊙ f)^T h
+        dB = P * f_col if need_B else None  # s (dy ⊙ f)^T h
         dlb = colsum * f * s if need_lb else None
         df = None
         if need_f:  # sum_t dy z with z = (y - b) / f

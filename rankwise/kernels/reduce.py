@@ -135,7 +135,7 @@ def lora_reduce(
     chunks = max(1, cdiv(M, rows_per_chunk))
     dev = x.device
     part = torch.empty((chunks, R, N) if transpose else (chunks, N, R), dtype=torch.float32, device=dev)
-    stride_on, stride_or = (part.stride(2), part.stride(1)) if transpose else (part.stride(1), part.stride(2))
+    stride_on, stride_or = (part.stride()[2], part.stride()[1]) if transpose else (part.stride()[1], part.stride()[2])
     csum = torch.empty(chunks, N, dtype=torch.float32, device=dev) if colsum else None
     dsum = torch.empty(chunks, N, dtype=torch.float32, device=dev) if dot_with is not None else None
     if M == 0 or N == 0 or R == 0:
@@ -148,8 +148,8 @@ def lora_reduce(
         _reduce_kernel[(n_blocks, r_blocks, chunks)](
             x, g, y, part, csum if csum is not None else part, dsum if dsum is not None else part,
             seed if p > 0 else part, M, N, R, rows_per_chunk,
-            x.stride(0), x.stride(1), g.stride(0), g.stride(1), y.stride(0), y.stride(1),
-            part.stride(0), stride_on, stride_or, float(scale), threshold16(p),
+            x.stride()[0], x.stride()[1], g.stride()[0], g.stride()[1], y.stride()[0], y.stride()[1],
+            part.stride()[0], stride_on, stride_or, float(scale), threshold16(p),
             HAS_DROPOUT=p > 0, HAS_CSUM=colsum, HAS_DOT=dot_with is not None,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, PREC=dot_precision(x.dtype), INTERPRET=interp,
             num_warps=num_warps, num_stages=num_stages,

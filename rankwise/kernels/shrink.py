@@ -99,7 +99,7 @@ def lora_shrink(
     grid = (cdiv(M, block_m), cdiv(R, block_r))
     _shrink_kernel[grid](
         x, a, h, seed if p > 0 else h, M, K, R,
-        x.stride(0), x.stride(1), a.stride(0), a.stride(1), h.stride(0), h.stride(1),
+        x.stride()[0], x.stride()[1], a.stride()[0], a.stride()[1], h.stride()[0], h.stride()[1],
         float(scale), threshold16(p),
         HAS_DROPOUT=p > 0, BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r,
         PREC=dot_precision(x.dtype), INTERPRET=interp, num_warps=num_warps, num_stages=num_stages,
