@@ -119,3 +119,29 @@ def test_gradient_checkpointing_errors_name_the_fix():
         enable_gradient_checkpointing(tiny_llama(), use_reentrant=True, distributed=True)
     with pytest.raises(ValueError, match=r"Sequential has no activation_checkpointing_enable"):
         enable_gradient_checkpointing(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_uneven_split_differs_by_one_row_and_tiny_batches_go_whole():
+    batch = {"y": torch.arange(7)}
+    parts = [shard_batch(batch, r, 3, uneven=True)["y"].tolist() for r in range(3)]
+    assert parts == [[0, 1, 2], [3, 4], [5, 6]]
+    assert shard_batch({"y": torch.arange(2)}, 2, 3, uneven=True)["y"].tolist() == [0, 1]
+
+
+def test_bridge_device_returns_outputs_where_inputs_came_from_and_removes_its_hooks():
+    """On a CPU-only machine the target device is the CPU too; what is checked is that outputs keep their
+    class (transformers' ModelOutput) and that the hooks go away."""
+    from rankwise.distributed import bridge_device, inputs_on_device, mean_over_processes
+
+    model = tiny_llama()
+    ids = torch.randint(0, 96, (2, 5))
+    want = model(input_ids=ids).logits
+    remove = bridge_device(model)
+    out = model(input_ids=ids)
+    assert type(out).__name__ == "CausalLMOutputWithPast" and torch.equal(out.logits, want)
+    remove()
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    with inputs_on_device(model, torch.device("cpu")):
+        assert len(model._forward_pre_hooks) == 1
+    assert not model._forward_pre_hooks
+    assert mean_over_processes(2.5) == 2.5
