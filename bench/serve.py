@@ -69,7 +69,7 @@ def module_dims(mod: str) -> tuple[int, int]:
 
 
 def write_adapters(root: Path, prefix: str, n: int, targets: list[str], layers: int, dtype=torch.bfloat16,
-                   dora: bool = False, seed: int = 0) -> list[str]:
+                   dora: bool = False, seed: int = 0, b_scale: float = 0.02) -> list[str]:
     """n PEFT-format LoRA folders `<prefix><i>` with rank RANKS[i % 4], alpha = 2r (random A, B)."""
     from safetensors.torch import save_file
 
@@ -85,7 +85,7 @@ def write_adapters(root: Path, prefix: str, n: int, targets: list[str], layers: 
                 part = "mlp" if mod in ("gate_proj", "up_proj", "down_proj") else "self_attn"
                 key = f"base_model.model.model.layers.{layer}.{part}.{mod}"
                 sd[f"{key}.lora_A.weight"] = (torch.randn(r, n_in, generator=g, device=DEV) / n_in ** 0.5).to(dtype)
-                sd[f"{key}.lora_B.weight"] = (torch.randn(n_out, r, generator=g, device=DEV) * 0.02).to(dtype)
+                sd[f"{key}.lora_B.weight"] = (torch.randn(n_out, r, generator=g, device=DEV) * b_scale).to(dtype)
                 if dora:
                     sd[f"{key}.lora_magnitude_vector"] = (1 + 0.1 * torch.rand(n_out, generator=g, device=DEV)).to(dtype)
         (root / name).mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,8 @@ from pathlib import Path
 from rankwise.serve.config import EngineConfig
 
 
-def _options(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The `serve` options (for a parser made elsewhere, e.g. the `rankwise` command's registry)."""
     p.add_argument("--model", required=True, help="local transformers checkpoint of the Llama family")
     p.add_argument("--adapters", default=None, help="directory whose sub-folders are PEFT adapters, served by name")
     p.add_argument("--served-model-name", default=None, help="`model` value that selects the base (default: the "
@@ -43,7 +44,7 @@ def _options(p: argparse.ArgumentParser) -> None:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="OpenAI-compatible server for a base model and many adapters",
                               description=__doc__.splitlines()[0])
-    _options(p)
+    add_arguments(p)
     p.set_defaults(func=run)
     return p
 
@@ -58,7 +59,7 @@ def config_from_args(args: argparse.Namespace) -> EngineConfig:
     )
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from rankwise.serve.api import create_app
@@ -77,11 +78,12 @@ def run(args: argparse.Namespace) -> None:
     print(f"rankwise serve: model {name!r} on {engine.device} ({engine.dtype}), adapters from {args.adapters}; "
           f"http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="rankwise serve", description=__doc__.splitlines()[0])
-    _options(parser)
+    add_arguments(parser)
     run(parser.parse_args(argv))
 
 
