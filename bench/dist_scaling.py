@@ -28,16 +28,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
 SHAPES = {  # Llama-3.2-1B and Llama-3.1-70B
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, tie_word_embeddings=True),
-    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                num_key_value_heads=8, tie_word_embeddings=False),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, tie_word_embeddings=False),  # CPU check of this script (gloo)
+    "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+           "num_key_value_heads": 8, "tie_word_embeddings": True},
+    "70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+            "num_key_value_heads": 8, "tie_word_embeddings": False},
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "tie_word_embeddings": False},  # CPU check of this script (gloo)
 }
 VOCAB = {"1b": 128256, "70b": 128256, "tiny": 512}
 
@@ -49,10 +49,11 @@ def _sync(device: torch.device) -> None:
 
 def build(args, env):
     """(model, number of base parameters): bf16 Llama with rank-r adapters on every linear layer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     import rankwise
     from rankwise.distributed import enable_gradient_checkpointing, shard_frozen_base
     from rankwise.layers.adapter import kaiming_rows
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=VOCAB[args.model], max_position_embeddings=max(args.seq, 2048), rope_theta=500000.0,
                       **SHAPES[args.model])
@@ -91,8 +92,14 @@ def build(args, env):
 def run(args) -> dict:
     import rankwise
     from rankwise.allocate import Budget, available_allocators, make_allocator
-    from rankwise.distributed import ParallelConfig, ParallelModel, init_distributed, parallel_train_step
-    from rankwise.distributed import shard_batch, split_micro_batches
+    from rankwise.distributed import (
+        ParallelConfig,
+        ParallelModel,
+        init_distributed,
+        parallel_train_step,
+        shard_batch,
+        split_micro_batches,
+    )
 
     env = init_distributed()
     model, n_base = build(args, env)
@@ -146,17 +153,18 @@ def run(args) -> dict:
 def report(paths: list[str]) -> str:
     rows = [json.loads(Path(p).read_text()) for p in paths if Path(p).is_file()]
     base = {r["model"]: r for r in rows if r["gpus"] == 1}
-    lines = ["| model | strategy | GPUs | global batch x seq | tokens/s | tokens/s/GPU (mean) | efficiency (mean) | "
-             "tokens/s/GPU (median step) | efficiency (median) | peak GiB/GPU | resizes / DDP rebuilds |",
+    lines = [("| model | strategy | GPUs | global batch x seq | tokens/s | tokens/s/GPU (mean) | efficiency (mean) | "
+              "tokens/s/GPU (median step) | efficiency (median) | peak GiB/GPU | resizes / DDP rebuilds |"),
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         one = base.get(r["model"])
+        accum = f" (accum {r['accum']})" if r["accum"] > 1 else ""
         eff = f"{100 * r['tokens_per_s_per_gpu'] / one['tokens_per_s_per_gpu']:.1f}%" if one else "-"
         eff_med = (f"{100 * r['median_tokens_per_s_per_gpu'] / one['median_tokens_per_s_per_gpu']:.1f}%"
                    if one else "-")
         lines.append(
             f"| {r['model']} ({r['base_params'] / 1e9:.2f}B) | {r['strategy']} | {r['gpus']} | "
-            f"{r['global_batch']} x {r['seq']}{' (accum %d)' % r['accum'] if r['accum'] > 1 else ''} | "
+            f"{r['global_batch']} x {r['seq']}{accum} | "
             f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | {eff} | "
             f"{r['median_tokens_per_s_per_gpu']:,.0f} | {eff_med} | {r['peak_mem_gib']:.1f} | "
             f"{r['resizes']} / {r['rewraps']} |"

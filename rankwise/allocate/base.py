@@ -53,7 +53,8 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     tensors only; rankwise.distributed.init_distributed adds gloo for CPU tensors instead)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         out = t.detach().clone()
-        if out.device.type == "cpu" and "gloo" not in str(torch.distributed.get_backend()) and torch.cuda.is_available():
+        nccl_only = "gloo" not in str(torch.distributed.get_backend())
+        if out.device.type == "cpu" and nccl_only and torch.cuda.is_available():
             out = out.cuda()
         torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
         return (out / torch.distributed.get_world_size()).to(t.device)

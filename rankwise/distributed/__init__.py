@@ -7,8 +7,9 @@
     parallel_fit(pm, global_batches, steps, opt, allocator=alloc, accumulation_steps=2)
     if env.is_main: rankwise.save_adapter(model, "out/adapter")      # adapters are replicated: save once
 
-env.py: launcher variables, process group, batch sharding. parallel.py: the DDP wrapper that is rebuilt
-after each resize. fsdp.py: FSDP2 sharding of the frozen base only. step.py: the accumulation-aware step. recompute.py: gradient checkpointing that works under DDP / FSDP.
+env.py: launcher variables, process group, batch sharding, device bridging. parallel.py: the DDP wrapper
+that is rebuilt after each resize. fsdp.py: FSDP2 sharding of the frozen base only. step.py: the
+accumulation-aware step. recompute.py: gradient checkpointing that works under DDP / FSDP.
 """
 
 from rankwise.distributed.env import (

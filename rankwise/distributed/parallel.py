@@ -156,11 +156,11 @@ class ParallelModel:
         finally:
             self._checked = False
 
-    def train(self, mode: bool = True) -> "ParallelModel":
+    def train(self, mode: bool = True) -> ParallelModel:
         self.module.train(mode)
         return self
 
-    def eval(self) -> "ParallelModel":
+    def eval(self) -> ParallelModel:
         return self.train(False)
 
     # ---- (re)wrapping ----------------------------------------------------------------------------

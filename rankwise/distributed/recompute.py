@@ -21,7 +21,7 @@ def enable_gradient_checkpointing(model: nn.Module, *, use_reentrant: bool = Fal
     new = getattr(model, "activation_checkpointing_enable", None)
     old = getattr(model, "gradient_checkpointing_enable", None)
     if not callable(new) and not callable(old):
-        raise ValueError(
+        raise TypeError(
             f"{type(model).__name__} has no activation_checkpointing_enable(); gradient checkpointing is available "
             "for transformers models (PreTrainedModel). For other models wrap blocks with "
             "torch.utils.checkpoint.checkpoint(..., use_reentrant=False) yourself."

@@ -94,8 +94,9 @@ def parallel_fit(
     on_step: Callable[[int, float], None] | None = None,
     start_step: int = 1,
 ) -> list[float]:
-    """Train for `steps` optimizer steps on global batches (every process iterates the same global batches
-    and keeps its shard, moved to its device and split into `accumulation_steps` micro-batches). Returns the loss of each step.
+    """Train up to optimizer step `steps` on global batches (every process iterates the same global batches
+    and keeps its shard, moved to its device and split into `accumulation_steps` micro-batches). Returns the
+    loss of each step.
     The allocator must already be attached; `finalize` is called at the end, as in `rankwise.train.loop.fit`.
     start_step: resume at this step (1-based): the first start_step - 1 global batches are skipped, so a run
     resumed from a checkpoint sees the batches an uninterrupted run would, whatever the number of processes."""

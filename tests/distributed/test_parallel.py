@@ -10,23 +10,22 @@ from __future__ import annotations
 
 import pytest
 import torch
+from allocate.dist_utils import run_distributed
+from allocate.synthetic import make_task
+from distributed.workers import resume_mlp, run_core, run_llama, run_mlp, run_registered
 
 import rankwise
 from rankwise.allocate import available_allocators, get_allocator_class
 from rankwise.allocate.base import Allocator
-
-from allocate.dist_utils import run_distributed
-from allocate.synthetic import make_task
-from distributed.workers import resume_mlp, run_core, run_llama, run_mlp, run_registered
 
 ATOL = 1e-5
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
-    diffs = [(a[k] - b[k]).abs().max().item() for k in a if a[k].numel()]
-    for k in a:
-        assert a[k].shape == b[k].shape, (k, a[k].shape, b[k].shape)
+    for k, v in a.items():
+        assert v.shape == b[k].shape, (k, v.shape, b[k].shape)
+    diffs = [(v - b[k]).abs().max().item() for k, v in a.items() if v.numel()]
     return max(diffs)
 
 

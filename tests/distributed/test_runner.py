@@ -9,24 +9,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from allocate.dist_utils import run_distributed
 from safetensors.torch import load_file
+from tiny_models import tiny_bert
+from train_fixtures import sst_files, word_tokenizer  # noqa: F401  (pytest fixtures)
 
 from rankwise.train.config import TrainConfig
 from rankwise.train.runner import train
-
-from allocate.dist_utils import run_distributed
-from tiny_models import tiny_bert
-from train_fixtures import sst_files, word_tokenizer  # noqa: F401  (pytest fixtures)
 
 STEPS = 6
 
 
 def _config(model: Path, files, out: Path, **over) -> dict:
     train_file, dev_file = files
-    cfg = dict(model=str(model), train_file=str(train_file), eval_file=str(dev_file), output_dir=str(out),
-               method="adalora", budget="r2", steps=STEPS, batch_size=8, max_length=16, max_train_samples=48,
-               max_eval_samples=16, save_every=3, lr=5e-3, threads=1, progress=False, plot=False,
-               tensorboard=False, allocator_options={"interval": 1, "warmup_steps": 1, "final_steps": 1})
+    cfg = {"model": str(model), "train_file": str(train_file), "eval_file": str(dev_file), "output_dir": str(out),
+               "method": "adalora", "budget": "r2", "steps": STEPS, "batch_size": 8, "max_length": 16, "max_train_samples": 48,
+               "max_eval_samples": 16, "save_every": 3, "lr": 5e-3, "threads": 1, "progress": False, "plot": False,
+               "tensorboard": False, "allocator_options": {"interval": 1, "warmup_steps": 1, "final_steps": 1}}
     cfg.update(over)
     return cfg
 
@@ -81,7 +80,7 @@ def test_two_processes_train_the_adapter_of_one(runs):
 
 def test_process_0_alone_writes(runs):
     one, two, _ = runs
-    lines = lambda p: [json.loads(x) for x in (p / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    lines = lambda p: [json.loads(x) for x in (p / "log.jsonl").read_text().splitlines()]
     assert [(r["type"], r.get("step")) for r in lines(two)] == [(r["type"], r.get("step")) for r in lines(one)]
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-00000003"]
 
