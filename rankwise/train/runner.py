@@ -20,6 +20,8 @@ checkpoint and stops (a second Ctrl-C stops at once).
 from __future__ import annotations
 
 import contextlib
+import importlib
+import inspect
 import json
 import math
 import os
@@ -44,6 +46,7 @@ from rankwise.io import checkpoint as ckpt
 from rankwise.io.peft import save_adapter
 from rankwise.layers.base_kinds import kind_of
 from rankwise.model import adapter_param_count
+from rankwise.optim_groups import loraplus_param_groups
 from rankwise.train.config import TrainConfig
 from rankwise.train.logger import RunLog
 from rankwise.train.loop import train_step
@@ -123,14 +126,21 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-def param_groups(model: torch.nn.Module, lr: float, lr_ratio: float | None) -> list[dict[str, Any]]:
-    """Trainable parameters in model order; with LoRA+ (Hayou et al., 2024) B matrices get lr * lr_ratio."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+def param_groups(model: torch.nn.Module, lr: float, lr_ratio: float | None, weight_decay: float) -> list[dict]:
+    """Trainable parameters in model order; with LoRA+ (`lr_ratio`) rankwise.optim_groups' groups."""
     if lr_ratio is None:
-        return [{"params": [p for _, p in named]}]
-    is_b = [n.endswith(".lora_B") for n, _ in named]
-    return [{"params": [p for (_, p), b in zip(named, is_b) if not b]},
-            {"params": [p for (_, p), b in zip(named, is_b) if b], "lr": lr * lr_ratio}]
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    return loraplus_param_groups(model, lr, ratio=lr_ratio, weight_decay=weight_decay)
+
+
+def data_initializer(name: str) -> Callable[..., Any] | None:
+    """`apply(model, batches, ...)` of a data-driven initialiser (LoRA-GA, CorDA: rankwise.init.<name> has one),
+    or None for initialisers that run at injection."""
+    try:
+        module = importlib.import_module(f"rankwise.init.{name.partition('_niter_')[0]}")
+    except ImportError:
+        return None
+    return getattr(module, "apply", None)
 
 
 def average_rank_costs(model: torch.nn.Module, lora: LoraConfig) -> dict[str, int]:
@@ -194,12 +204,19 @@ class Run:
         costs = average_rank_costs(self.model, LoraConfig(r=1, target_modules=cfg.target_modules))
         budget_rank = self.budget.total(costs) / sum(costs.values())  # the uniform rank the budget pays for
         init_rank = cfg.init_rank or max(1, math.ceil(budget_rank * (1.5 if cfg.is_adaptive() else 1.0)))
+        data_init = data_initializer(cfg.init)
         self.lora = LoraConfig(
             r=init_rank, alpha=cfg.alpha or 2.0 * init_rank, dropout=cfg.dropout, target_modules=cfg.target_modules,
-            use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init=cfg.init, init_kwargs=dict(cfg.init_options),
+            use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, init="default" if data_init else cfg.init,
+            init_kwargs={} if data_init else dict(cfg.init_options),
             modules_to_save=self.task.modules_to_save(self.model),
         )
         inject(self.model, self.lora)
+        if data_init is not None:  # LoRA-GA / CorDA: statistics of calibration batches set A, B and the base
+            kwargs = dict(cfg.init_options)
+            if "loss_fn" in inspect.signature(data_init).parameters:
+                kwargs["loss_fn"] = self.loss_fn
+            data_init(self.model, self.calibration_batches, **kwargs)
         if self.env.distributed:  # DDP: a replica per GPU; FSDP moves its shards there itself
             if self.parallel.resolved_strategy() == "ddp":
                 self.model.to(self.env.device)
@@ -210,10 +227,12 @@ class Run:
         self.allocator = make_allocator(cfg.method, self.model, self.budget, dict(cfg.allocator_options),
                                         total_steps=self.total_steps, seed=cfg.seed)
         self.allocator.prepare(self.calibration_batches, self.loss_fn)
-        if self.eval_examples:
-            self.allocator.set_eval_batch(self.task.collate(self.eval_examples[: cfg.batch_size]), self.loss_fn)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.lr, cfg.lr_ratio), lr=cfg.lr,
-                                           weight_decay=cfg.weight_decay)
+        # Methods that score on held-out data (ALoRA) get an eval batch, or a calibration batch without one.
+        held_out = (self.task.collate(self.eval_examples[: cfg.batch_size]) if self.eval_examples
+                    else next(self.calibration_batches()))
+        self.allocator.set_eval_batch(held_out, self.loss_fn)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.lr, cfg.lr_ratio, cfg.weight_decay),
+                                           lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = int(cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg.scheduler, warmup, self.total_steps))

@@ -1,5 +1,7 @@
 """Exact resume: a run interrupted (SIGKILL, a crash, Ctrl-C) and resumed ends with the same weights as an
-uninterrupted run, for fixed-rank LoRA and every registered allocator (ranks change after the interruption)."""
+uninterrupted run, for fixed-rank LoRA and every registered allocator. Allocators that change ranks during
+training must change some after the interruption; those that decide once before training (EVA, GoRA, ...) are
+checked for exactness only."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from rankwise.train.runner import Hooks, train
 
 STEPS, SAVE_EVERY, STOP_AT = 12, 3, 7
 # Options that make each method change ranks within STEPS steps (defaults are sized for real runs).
-OPTIONS = {"adalora": {"interval": 2}}
+OPTIONS = {"adalora": {"interval": 2}, "increlora": {"top_h": 1, "interval": 1}}
 
 
 def config(model: Path, files, out: Path, method: str, **over) -> TrainConfig:
@@ -95,7 +97,8 @@ def test_crash_then_resume_matches_uninterrupted(method, reference, cls_model_di
     train(config(cls_model_dir, sst_files, out, method, resume="latest"))
     ref = reference(method)
     history = [json.loads(line) for line in final_state(ref)[1]]
-    if method != "fixed":  # the point of the test: ranks change after the resume point
+    if any(h["step"] > 0 for h in history):  # it changes ranks during training: some change must come after
+        # the resume point, or the test would not cover restoring a changing allocator (tune OPTIONS if not)
         assert any(h["step"] > 6 for h in history), f"{method} made no rank decision after step 6"
     assert_same_run(ref, out)
 
