@@ -4,6 +4,7 @@ decisions, one writer, and a 2-process checkpoint resumed by one process."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from safetensors.torch import load_file
 from tiny_models import tiny_bert
 from train_fixtures import sst_files, word_tokenizer  # noqa: F401  (pytest fixtures)
 
+from rankwise.distributed import is_sharded
 from rankwise.train.config import TrainConfig
-from rankwise.train.runner import train
+from rankwise.train.runner import Hooks, train
 
 STEPS = 6
 
@@ -30,8 +32,15 @@ def _config(model: Path, files, out: Path, **over) -> dict:
     return cfg
 
 
-def run_train(rank: int, world: int, cfg: dict) -> dict:
-    return train(TrainConfig(**cfg))
+def run_train(rank: int, world: int, configs: dict[str, dict]) -> dict[str, dict]:
+    """One `train` per strategy (RANKWISE_STRATEGY picks DDP or FSDP2 for the frozen base)."""
+    out = {}
+    for strategy, cfg in configs.items():
+        os.environ["RANKWISE_STRATEGY"] = strategy
+        sharded = set()
+        hooks = Hooks(after_step=[lambda run, step, loss, seen=sharded: seen.add(is_sharded(run.model))])
+        out[strategy] = {**train(TrainConfig(**cfg), hooks), "sharded": sorted(sharded)}
+    return out
 
 
 def _adapter(out: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -62,31 +71,35 @@ def cls_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cls_model_dir, sst_files):  # noqa: F811
     one = tmp_path_factory.mktemp("one")
-    two = tmp_path_factory.mktemp("two")
+    two, fsdp = tmp_path_factory.mktemp("two"), tmp_path_factory.mktemp("fsdp")
     train(TrainConfig(**_config(cls_model_dir, sst_files, one)))
-    summaries = run_distributed(run_train, 2, (_config(cls_model_dir, sst_files, two),), timeout_s=120)
-    return one, two, summaries
+    configs = {"ddp": _config(cls_model_dir, sst_files, two), "fsdp": _config(cls_model_dir, sst_files, fsdp)}
+    summaries = run_distributed(run_train, 2, (configs,), timeout_s=120)
+    return one, two, fsdp, summaries
 
 
 def test_two_processes_train_the_adapter_of_one(runs):
-    one, two, summaries = runs
+    one, two, fsdp, summaries = runs
     history = (one / "adapter" / "rank_history.jsonl").read_text().splitlines()
     assert history and json.loads(history[0])["allocator"] == "adalora", "AdaLoRA must resize in this run"
     _assert_close(one, two)
+    _assert_close(one, fsdp)  # FSDP2 over the frozen base (tiny BERT: BertLayer units), DDP for the adapters
     m1, m2 = (json.loads((p / "metrics.json").read_text()) for p in (one, two))
     assert m1["eval"]["accuracy"] == m2["eval"]["accuracy"]
-    assert summaries[0]["eval"] == summaries[1]["eval"]  # every process evaluated the same model
+    for strategy in ("ddp", "fsdp"):  # every process evaluated the same model
+        assert summaries[0][strategy]["eval"] == summaries[1][strategy]["eval"]
+        assert summaries[0][strategy]["sharded"] == [strategy == "fsdp"]
 
 
 def test_process_0_alone_writes(runs):
-    one, two, _ = runs
+    one, two, _, _ = runs
     lines = lambda p: [json.loads(x) for x in (p / "log.jsonl").read_text().splitlines()]
     assert [(r["type"], r.get("step")) for r in lines(two)] == [(r["type"], r.get("step")) for r in lines(one)]
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-00000003"]
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process(runs, cls_model_dir, sst_files, tmp_path):  # noqa: F811
-    _, two, _ = runs
+    _, two, _, _ = runs
     shutil.copytree(two, tmp_path / "finished")  # the resumed run writes its adapter into the same folder
     cfg = _config(cls_model_dir, sst_files, two, resume=str(two / "checkpoints" / "step-00000003"))
     train(TrainConfig(**cfg))
