@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from rankwise.io.summary import AdapterSummary, natural_key, split_layer, summarize_adapter  # noqa: E402
 
@@ -51,7 +52,9 @@ def draw_heatmap(ax, summary: AdapterSummary) -> None:
                     ax.text(j, i, f"{int(grid[i, j])}", ha="center", va="center", fontsize=7,
                             color="white" if light else "black")
     ax.set_title(f"final ranks ({summary.total_params:,} adapter parameters)")
-    ax.figure.colorbar(image, ax=ax, label="rank")
+    bar = ax.figure.colorbar(image, ax=ax, label="rank")
+    bar.locator = MaxNLocator(integer=True)
+    bar.update_ticks()
 
 
 def draw_history(ax, summary: AdapterSummary) -> None:
@@ -62,6 +65,8 @@ def draw_history(ax, summary: AdapterSummary) -> None:
         by_kind.setdefault(split_layer(name)[1], []).append(values)
     for kind, rows in by_kind.items():
         ax.step(steps, np.mean(np.array(rows, dtype=float), axis=0), where="post", linewidth=2, label=kind)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("training step")
     ax.set_ylabel("rank")
     ax.set_title("ranks over training (thick: mean per module type)")

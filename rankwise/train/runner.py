@@ -351,7 +351,7 @@ class Run:
         cfg, step = self.cfg, self.step
         params = adapter_param_count(self.model)
         lr = self.scheduler.get_last_lr()[0]
-        if step % cfg.log_every == 0 or step == 1:
+        if step % cfg.log_every == 0 or step in (1, self.total_steps):
             log.write("train", step=step, loss=loss, lr=lr, trainable_params=params)
         for decision in self.allocator.history[seen:]:
             log.write("allocation", **decision)
