@@ -1,4 +1,4 @@
-"""The `rankwise` command: train | inspect | merge | combine | compress | export | demo.
+"""The `rankwise` command: train | inspect | merge | combine | compress | export | serve | demo.
 
 Each subcommand is one entry in `COMMANDS` (its flags and the function that runs it). Errors that a user can
 fix (a bad flag value, a missing column, a wrong path) print as one line `rankwise <command>: error: ...`
@@ -169,6 +169,20 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- serve ------------------------------------------------------------------------------------------------
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from rankwise.serve.cli import add_arguments
+
+    add_arguments(p)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from rankwise.serve.cli import run
+
+    return run(args) or 0
+
+
 # ---- demo -------------------------------------------------------------------------------------------------
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
@@ -191,6 +205,7 @@ COMMANDS: dict[str, Command] = {
     "combine": ("combine adapters (linear, cat, svd, ties) into one", _combine_args, _combine),
     "compress": ("shrink an adapter to a rank or an energy fraction (truncated SVD)", _compress_args, _compress),
     "export": ("write a PEFT adapter from a run or checkpoint, optionally in another dtype", _export_args, _export),
+    "serve": ("OpenAI-compatible server for a base model and many adapters", _serve_args, _serve),
     "demo": ("fine-tune MiniLM on an SST-2 sample: adaptive vs fixed rank", _demo_args, _demo),
 }
 

@@ -142,3 +142,11 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--output-dir", str(tmp_path), "--steps", "3"]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "Rank pictures" in out
+
+
+def test_every_command_is_registered():
+    from rankwise.cli import COMMANDS, build_parser
+
+    assert set(COMMANDS) == {"train", "inspect", "merge", "combine", "compress", "export", "serve", "demo"}
+    args = build_parser().parse_args(["serve", "--model", "some/folder"])
+    assert args.command == "serve" and args.model == "some/folder"
