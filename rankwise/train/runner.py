@@ -55,7 +55,7 @@ from rankwise.train.tasks import Example, Task, make_task
 CALIBRATION_BATCHES = 8
 FREE_ON_RESUME = {  # fields a resumed run may change: they do not affect the training steps
     "resume", "progress", "tensorboard", "plot", "eval_every", "save_every", "keep_checkpoints", "log_every",
-    "threads", "eval_generate", "max_new_tokens", "eval_file", "max_eval_samples", "eval_batch_size",
+    "threads", "eval_generate", "max_new_tokens", "eval_file", "max_eval_samples", "eval_batch_size", "output_dir",
 }
 
 
@@ -389,8 +389,9 @@ class Run:
         save_adapter(self.model, self.out / "adapter", history=self.allocator.history, metadata=meta,
                      task_type=self.task.peft_task_type, base_model_name_or_path=str(Path(cfg.model).resolve()))
         (self.out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if cfg.plot:
-            summary["plot"] = str(self._plot())
+        picture = self._plot() if cfg.plot else None
+        if picture is not None:
+            summary["plot"] = str(picture)
         summary["adapter"] = str(self.out / "adapter")
         return summary
 
