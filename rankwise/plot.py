@@ -14,11 +14,11 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator
 
-from rankwise.io.summary import AdapterSummary, natural_key, split_layer, summarize_adapter  # noqa: E402
+from rankwise.io.summary import AdapterSummary, natural_key, split_layer, summarize_adapter
 
 
 def rank_grid(summary: AdapterSummary) -> tuple[list[str], list[str], np.ndarray]:

@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from train_fixtures import *
+from train_fixtures import word_tokenizer
 
 import rankwise
 from rankwise.allocate import available_allocators
 from rankwise.cli import main
-from train_fixtures import *  # noqa: F401,F403
-from train_fixtures import word_tokenizer
 
 METHOD = "adalora" if "adalora" in available_allocators() else "fixed"
 

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import torch
 from PIL import Image
+from tiny_models import tiny_llama
 
 import rankwise
 from rankwise.io.summary import split_layer, summarize_adapter
 from rankwise.plot import plot_adapter, rank_grid
-from tiny_models import tiny_llama
 
 
 def saved_adapter(tmp_path):

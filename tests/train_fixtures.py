@@ -12,9 +12,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_models import tiny_bert, tiny_llama  # noqa: E402
+from tiny_models import tiny_bert, tiny_llama
 
-__all__ = ["cls_model_dir", "lm_model_dir", "math_files", "sst_files", "word_tokenizer", "sentiment_rows"]
+__all__ = ["cls_model_dir", "lm_model_dir", "math_files", "sentiment_rows", "sst_files", "word_tokenizer"]
 
 POSITIVE = ["good", "great", "fun", "fine", "lovely"]
 NEGATIVE = ["bad", "awful", "dull", "boring", "poor"]

@@ -54,9 +54,9 @@ class AdapterSummary:
         for h in self.history:
             by_module.setdefault(h["module"], []).append(h)
         series = {}
-        for name in final:
+        for name, final_rank in final.items():
             decisions = sorted(by_module.get(name, []), key=lambda h: h["step"])
-            rank = decisions[0]["old_rank"] if decisions else final[name]
+            rank = decisions[0]["old_rank"] if decisions else final_rank
             values, i = [], 0
             for s in steps:
                 while i < len(decisions) and decisions[i]["step"] <= s:

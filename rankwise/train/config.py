@@ -140,10 +140,10 @@ class TrainConfig:
 
     def _coerce(self) -> None:
         """Turn YAML / flag strings into the declared types (e.g. '5e-4' -> 5e-4, 'a,b' -> ['a', 'b'])."""
-        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
-            # 'q_proj,v_proj' or 'self.query' are suffixes; a string with regex syntax stays one full-name regex
-            if "," in self.target_modules or not any(c in self.target_modules for c in "*[]()|^$+?\\"):
-                self.target_modules = [s.strip() for s in self.target_modules.split(",") if s.strip()]
+        # 'q_proj,v_proj' or 'self.query' are suffixes; a string with regex syntax stays one full-name regex
+        spec = self.target_modules
+        if isinstance(spec, str) and spec != "all-linear" and ("," in spec or not any(c in spec for c in "*[]()|^$+?\\")):
+            self.target_modules = [s.strip() for s in spec.split(",") if s.strip()]
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name == "target_modules" and isinstance(value, str):
@@ -159,7 +159,7 @@ class TrainConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> TrainConfig:
         data = {str(k).replace("-", "_"): v for k, v in data.items()}
         unknown = sorted(set(data) - set(cls.allowed_keys()))
         if unknown:
@@ -170,7 +170,7 @@ class TrainConfig:
         return cls(**data)
 
     @classmethod
-    def from_sources(cls, yaml_path: str | None, flags: dict[str, Any]) -> "TrainConfig":
+    def from_sources(cls, yaml_path: str | None, flags: dict[str, Any]) -> TrainConfig:
         """Values from the YAML file at `yaml_path` (if any), overridden by `flags` (only flags the user gave)."""
         data: dict[str, Any] = {}
         source = "flags"
@@ -201,8 +201,9 @@ def load_yaml(path: str) -> dict[str, Any]:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML ({err}). Write one `key: value` per line.") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level must be a mapping of keys to values, got {type(data).__name__}.")
+    if not isinstance(data, dict):  # a wrong file, not a wrong call: ValueError like every config error
+        raise ValueError(  # noqa: TRY004
+f"{path}: the top level must be a mapping of keys to values, got {type(data).__name__}.")
     return data
 
 

@@ -39,8 +39,15 @@ import yaml
 
 from rankwise.allocate import Budget, make_allocator
 from rankwise.config import LoraConfig
-from rankwise.distributed import ParallelConfig, ParallelModel, bridge_device, init_distributed, mean_over_processes
-from rankwise.distributed import shard_batch, to_device
+from rankwise.distributed import (
+    ParallelConfig,
+    ParallelModel,
+    bridge_device,
+    init_distributed,
+    mean_over_processes,
+    shard_batch,
+    to_device,
+)
 from rankwise.inject import inject, select_targets
 from rankwise.io import checkpoint as ckpt
 from rankwise.io.peft import save_adapter
@@ -73,8 +80,8 @@ class Hooks:
     """Named hooks around the loop; each gets the `Run`. after_step(run, step, loss) runs after logging and
     any checkpoint of that step."""
 
-    after_step: list[Callable[["Run", int, float], None]] = field(default_factory=list)
-    after_eval: list[Callable[["Run", int, dict], None]] = field(default_factory=list)
+    after_step: list[Callable[[Run, int, float], None]] = field(default_factory=list)
+    after_eval: list[Callable[[Run, int, dict], None]] = field(default_factory=list)
 
 
 class DataStream:

@@ -25,7 +25,7 @@ class Task(ABC):
     primary_metric: ClassVar[str] = ""
     higher_is_better: ClassVar[bool] = True
 
-    def __init__(self, config: "TrainConfig") -> None:
+    def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.tokenizer = None
 
@@ -79,7 +79,7 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 
 def _load_builtin() -> None:
-    import rankwise.train.causal_lm  # noqa: F401
+    import rankwise.train.causal_lm
     import rankwise.train.classification  # noqa: F401
 
 
@@ -88,7 +88,7 @@ def available_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
-def make_task(config: "TrainConfig") -> Task:
+def make_task(config: TrainConfig) -> Task:
     _load_builtin()
     if config.task not in _TASKS:
         raise ValueError(f"Unknown task {config.task!r}; available: {sorted(_TASKS)}.")

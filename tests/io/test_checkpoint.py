@@ -7,10 +7,10 @@ import random
 import numpy as np
 import pytest
 import torch
+from tiny_models import mlp
 
 import rankwise
 from rankwise.io import checkpoint as ckpt
-from tiny_models import mlp
 
 
 def make():

@@ -1,1 +1,1 @@
-from train_fixtures import *  # noqa: F401,F403  (tiny model folders and data files)
+from train_fixtures import *

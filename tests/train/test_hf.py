@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import tiny_bert
 from transformers import Trainer, TrainingArguments
 
 import rankwise
 from rankwise.allocate import Budget, available_allocators
 from rankwise.train.hf import STATE_FILE, RankwiseCallback
-from tiny_models import tiny_bert
 
 pytestmark = pytest.mark.skipif("adalora" not in available_allocators(), reason="needs the adalora allocator")
 

@@ -27,11 +27,11 @@ def test_schedules():
 
 
 def base(cls_model_dir, sst_files, tmp_path, **kw) -> TrainConfig:
-    cfg = dict(model=str(cls_model_dir), train_file=str(sst_files[0]), output_dir=str(tmp_path / "out"),
-               method="fixed", budget="r2", steps=2, batch_size=8, max_length=16, max_train_samples=32,
-               progress=False, plot=False, tensorboard=False)
-    cfg.update(kw)
-    return TrainConfig(**cfg)
+    return TrainConfig(**{
+        "model": str(cls_model_dir), "train_file": str(sst_files[0]), "output_dir": str(tmp_path / "out"),
+        "method": "fixed", "budget": "r2", "steps": 2, "batch_size": 8, "max_length": 16, "max_train_samples": 32,
+        "progress": False, "plot": False, "tensorboard": False, **kw,
+    })
 
 
 @pytest.mark.parametrize("init", ["lora_ga", "corda"])

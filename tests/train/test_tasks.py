@@ -15,10 +15,11 @@ from rankwise.train.tasks import make_task
 
 
 def cls_config(model, train_file, out, **kw) -> TrainConfig:
-    base = dict(model=str(model), train_file=str(train_file), output_dir=str(out), method="fixed", budget="r2",
-                steps=4, batch_size=8, max_length=24, progress=False, plot=False, tensorboard=False)
-    base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig(**{
+        "model": str(model), "train_file": str(train_file), "output_dir": str(out), "method": "fixed",
+        "budget": "r2", "steps": 4, "batch_size": 8, "max_length": 24, "progress": False, "plot": False,
+        "tensorboard": False, **kw,
+    })
 
 
 def test_text_pairs_with_string_labels(tmp_path, cls_model_dir):
