@@ -8,6 +8,8 @@ slow, so one launch runs all core scenarios (workers.run_core) and a second one 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from allocate.dist_utils import run_distributed
@@ -19,6 +21,17 @@ from rankwise.allocate import available_allocators, get_allocator_class
 from rankwise.allocate.base import Allocator
 
 ATOL = 1e-5
+
+
+@functools.cache
+def _one_mlp(kind: str, steps: int = 8) -> dict:
+    """The one-process reference run (computed once per kind: several tests compare with it)."""
+    return run_mlp(0, 1, kind, steps=steps)
+
+
+@functools.cache
+def _one_llama() -> dict:
+    return run_llama(0, 1, "ddp")
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -77,7 +90,7 @@ def registered():
 @pytest.mark.parametrize("scenario,kind,accumulation", [("fixed", "fixed", 1), ("fixed_accum", "fixed", 2)])
 def test_ddp_fixed_rank_matches_one_process(core, scenario, kind, accumulation):
     two, _ = core
-    one = run_mlp(0, 1, kind)
+    one = _one_mlp(kind)
     r0, r1 = two[0][scenario], two[1][scenario]
     assert _max_diff(r0["adapters"], r1["adapters"]) == 0.0  # DDP keeps exact replicas
     assert _max_diff(r0["adapters"], one["adapters"]) < ATOL
@@ -88,7 +101,7 @@ def test_ddp_fixed_rank_matches_one_process(core, scenario, kind, accumulation):
 @pytest.mark.parametrize("scenario,accumulation", [("toy", 1), ("toy_accum", 2)])
 def test_ddp_rebuilt_after_resizes_matches_one_process(core, scenario, accumulation):
     two, _ = core
-    one = run_mlp(0, 1, "toy")
+    one = _one_mlp("toy")
     r0, r1 = two[0][scenario], two[1][scenario]
     resize_steps = {h["step"] for h in one["history"]}
     assert resize_steps == {3, 5, 7}, one["history"]
@@ -104,7 +117,7 @@ def test_ddp_rebuilt_after_resizes_matches_one_process(core, scenario, accumulat
 def test_registered_allocators_decide_identically_and_match_one_process(registered):
     failures = []
     for kind in ADAPTIVE:
-        one = run_mlp(0, 1, kind, steps=12)
+        one = _one_mlp(kind, steps=12)
         r0, r1 = registered[0][kind], registered[1][kind]
         if r0["history"] != r1["history"]:
             failures.append(f"{kind}: the two processes decided differently: {r0['history']} vs {r1['history']}")
@@ -123,7 +136,7 @@ def test_registered_allocators_decide_identically_and_match_one_process(register
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_llama_with_checkpointing_accumulation_and_resizes_matches_one_process(core, strategy):
     two, _ = core
-    one = run_llama(0, 1, "ddp")
+    one = _one_llama()
     r0, r1 = two[0][f"llama_{strategy}"], two[1][f"llama_{strategy}"]
     assert r0["sharded"] == (strategy == "fsdp")
     assert any(r == 0 for r in one["ranks"].values()), "a module pruned to rank 0 must be handled by DDP"
@@ -146,7 +159,7 @@ def test_checkpoint_saved_by_process_0_resumes_in_one_process(core):
         assert torch.allclose(adapter.lora_A, a)
     # One process continues from step 7 and ends where an uninterrupted one-process run ends.
     resumed = resume_mlp(str(save_dir), steps=8)
-    straight = run_mlp(0, 1, "toy")
+    straight = _one_mlp("toy")
     assert resumed["ranks"] == straight["ranks"]
     assert _max_diff(resumed["adapters"], straight["adapters"]) < ATOL
     assert resumed["losses"] == pytest.approx(straight["losses"][6:], rel=1e-5)
