@@ -135,16 +135,17 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def calibrate(job: dict[str, Any]) -> float:
-    """Seconds per training step of a fixed-rank row on this worker (after 10 warm-up steps)."""
+    """Seconds per training step of a fixed-rank row on this worker: the difference between a 40-step and a
+    10-step row (so loading, set-up and warm-up cancel), after one row that loads the task and warms up."""
     from bench.quality_methods import run_row
 
     task, base, pad = _task(job["task"])
-    t = time.perf_counter()
-    run_row({**job, "steps": 10, "evaluate": False}, base, task, pad)
-    short = time.perf_counter() - t
-    t = time.perf_counter()
-    run_row({**job, "steps": 40, "evaluate": False}, base, task, pad)
-    return (time.perf_counter() - t - short) / 30
+    times = {}
+    for steps in (10, 10, 40):
+        t = time.perf_counter()
+        run_row({**job, "steps": steps, "evaluate": False}, base, task, pad)
+        times[steps] = time.perf_counter() - t
+    return max(times[40] - times[10], 1e-3) / 30
 
 
 # ---- driver ----------------------------------------------------------------------------------------------
@@ -230,13 +231,14 @@ def _resolve_steps(args: argparse.Namespace, jobs: list, timings: list[float] | 
         return int(args.steps)
     if args.time_limit is None:
         raise SystemExit("--steps auto needs --time-limit (seconds) to size the run.")
-    # Concurrent workers each took timings[i] s/step, so together they do sum(1 / t) steps per second.
-    # Half of the remaining time goes to training steps: the rest is set-up (data-driven allocators run
-    # extra passes), allocator overhead, evaluation and the tail where some workers are already idle.
+    # Concurrent workers each took timings[i] s/step of a fixed-rank row, so together they do sum(1 / t)
+    # such steps per second. On an H100 (2026-11-22, 12 workers) the mean row over all methods cost 3.5x a
+    # fixed-rank row of the same steps (ALoRA's scoring rounds, DyLoRA / IncreLoRA / SoRA per-step work), and
+    # ~15% goes to evaluation, set-up and the tail where some workers are already idle.
     rate = sum(1.0 / t for t in timings)
     remaining = args.time_limit - (time.time() - start)
-    steps = int(0.5 * rate * remaining / len(jobs)) // 10 * 10
-    steps = max(100, min(steps, 2000))
+    steps = int(0.85 * rate * remaining / (3.5 * len(jobs))) // 10 * 10
+    steps = max(50, min(steps, 3000))
     print(f"# calibration: {rate:.0f} steps/s over {len(timings)} workers, {remaining:.0f}s left "
           f"-> {steps} steps per row", flush=True)
     return steps

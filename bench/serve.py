@@ -115,6 +115,45 @@ def workload(n_req, rate, names, alpha, seed, lo=None, hi=None):
     return reqs
 
 
+class StepTimer:
+    """Device time (CUDA events around each launch) and host time of the engine's prefill and decode launches."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.records = engine, []
+        self._orig = {k: getattr(engine, f"_launch_{k}") for k in ("prefill", "decode")}
+        for kind, fn in self._orig.items():
+            setattr(engine, f"_launch_{kind}", self._wrap(kind, fn))
+
+    def _wrap(self, kind, fn):
+        def launch(seqs):
+            t = time.perf_counter()
+            ev = [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)] if DEV == "cuda" else None
+            if ev:
+                ev[0].record()
+            out = fn(seqs)
+            if ev:
+                ev[1].record()
+            n = sum(len(s.tokens_to_prefill()) for s in seqs) if kind == "prefill" else len(seqs)
+            self.records.append((kind, ev, time.perf_counter() - t, n))
+            return out
+        return launch
+
+    def close(self) -> dict:
+        for kind, fn in self._orig.items():
+            setattr(self.engine, f"_launch_{kind}", fn)
+        sync()
+        out = {}
+        for kind in ("prefill", "decode"):
+            rec = [r for r in self.records if r[0] == kind]
+            if not rec:
+                continue
+            gpu = [r[1][0].elapsed_time(r[1][1]) for r in rec] if DEV == "cuda" else [float("nan")]
+            out[kind] = {"count": len(rec), "gpu_ms_total": float(np.sum(gpu)), "gpu_ms_median": float(np.median(gpu)),
+                         "host_ms_median": 1e3 * float(np.median([r[2] for r in rec])),
+                         "tokens_mean": float(np.mean([r[3] for r in rec]))}
+        return out
+
+
 def pct(xs, q):
     return float(np.percentile(np.asarray(xs), q)) if len(xs) else float("nan")
 
@@ -124,6 +163,8 @@ def run_rankwise(engine: Engine, reqs) -> dict:
     sync()
     if DEV == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    timer = StepTimer(engine)
+    cpu0 = time.process_time()
     start, i, done, arrival = time.perf_counter(), 0, {}, {}
     while len(done) < len(reqs):
         now = time.perf_counter() - start
@@ -138,6 +179,7 @@ def run_rankwise(engine: Engine, reqs) -> dict:
         elif i < len(reqs):
             time.sleep(max(0.0, min(0.002, reqs[i][0] - now)))
     end = max(o.finish_time for o in done.values())
+    steps, cpu = timer.close(), time.process_time() - cpu0
     ttft = [o.first_token_time - arrival[k] for k, o in done.items()]
     tpot = [(o.finish_time - o.first_token_time) / (len(o.output_ids) - 1) for o in done.values()
             if len(o.output_ids) > 1]
@@ -147,7 +189,7 @@ def run_rankwise(engine: Engine, reqs) -> dict:
             "output_tok_per_s": n_out / (end - start), "failed": len(bad),
             "ttft_ms": {q: 1e3 * pct(ttft, q) for q in (50, 90, 99)},
             "tpot_ms": {q: 1e3 * pct(tpot, q) for q in (50, 90, 99)},
-            "peak_gib": peak_gib(), "engine": engine.stats()}
+            "peak_gib": peak_gib(), "steps": steps, "process_cpu_s": cpu, "engine": engine.stats()}
 
 
 def decode_step_time(engine: Engine, adapters, batch=32, prompt=128, new=128) -> dict:
@@ -158,14 +200,17 @@ def decode_step_time(engine: Engine, adapters, batch=32, prompt=128, new=128) ->
                                    adapters[b % len(adapters)] if adapters else None,
                                    SamplingParams(max_tokens=new, ignore_eos=True)))
     times = []
+    timer = StepTimer(engine)
     while engine.has_work():
         before = engine.counters["steps_decode"]
         engine.step()
         if engine.counters["steps_decode"] > before and not engine.scheduler.waiting:
             times.append(time.perf_counter())
+    steps = timer.close()
     gaps = np.diff(times[5:-5] if len(times) > 20 else times)
     step = float(np.median(gaps))
-    return {"step_ms": 1e3 * step, "tok_per_s": batch / step, "context_mean": prompt + new / 2}
+    return {"step_ms": 1e3 * step, "tok_per_s": batch / step, "context_mean": prompt + new / 2,
+            "device_step_ms": steps["decode"]["gpu_ms_median"], "host_launch_ms": steps["decode"]["host_ms_median"]}
 
 
 def gemm_graph_floor(engine: Engine, batch=32) -> float:
@@ -332,12 +377,14 @@ def main() -> None:
     res["big_label"] = f"{n_big} adapters"
     configs = [("no adapters", [], 1.0), ("1 adapter", qkvo[:1], 1.0), ("32 adapters", qkvo[:32], 1.0),
                ("100 adapters", qkvo[:100], 1.0), (f"{n_big} adapters", qkvo, 1.0),
-               (f"{n_big} adapters, skewed", qkvo, 0.3), (f"{len(all7)} adapters, all 7 projections", all7, 1.0)]
+               (f"{n_big} adapters, skewed", qkvo, 0.3), (f"{len(all7)} adapters, all 7 projections", all7, 1.0),
+               ("no adapters (again, last)", [], 1.0)]
     if quick:
-        configs = configs[:3] + configs[4:5] + configs[6:]
+        configs = configs[:3] + configs[4:5] + configs[6:7]
     for label, names, alpha in configs:
         runs[label] = run_rankwise(engine, workload(n_req, args.rate, names, alpha, seed=7))
-        print(label, {k: runs[label][k] for k in ("req_per_s", "output_tok_per_s", "failed")}, flush=True)
+        print(label, {k: runs[label][k] for k in ("req_per_s", "output_tok_per_s", "failed", "steps", "process_cpu_s")},
+              flush=True)
         res["rankwise"] = runs
         save()
     lat = {}
@@ -349,7 +396,7 @@ def main() -> None:
     # HF baselines on one static batch of 32 requests of the same workload
     batch = workload(min(32, len(qkvo)), 1.0, qkvo[:32], 1.0, seed=9)
     new = 16 if quick else 32
-    res["hf_base"] = hf_batch(hf, batch, new)
+    res["hf_base"] = hf_batch(hf, batch, 2 * new)
     ours = engine.generate([Request(r.prompt, r.adapter, SamplingParams(max_tokens=new), f"p{i}")
                             for i, (_, r) in enumerate(batch)])
     import peft

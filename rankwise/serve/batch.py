@@ -17,11 +17,12 @@ import torch
 from rankwise.serve.lora_batch import LoraStep, plan_blocks
 from rankwise.serve.model import AttnBatch, LlamaFamilyModel, LoraContext
 from rankwise.serve.scheduler import Scheduler
+from rankwise.serve.transfer import to_device
 
 
 class BatchState:
     def __init__(self, model: LlamaFamilyModel, kv, lora_ctx: dict | None, max_num_seqs: int, max_blocks: int,
-                 block_t: int, r_cap: int, use_graphs: bool):
+                 block_t: int, r_cap: int, use_graphs: bool, splits: int = 1):
         R, dev = max_num_seqs, model.device
         self.model, self.kv, self.R, self.block_t = model, kv, R, block_t
         self.lora_ctx = lora_ctx  # tables, pool, layout, max_lora_rank, backend (no step)
@@ -33,7 +34,7 @@ class BatchState:
         self.top_p = torch.ones(R, dtype=torch.float32, device=dev)
         self.l_meta = torch.zeros((4, R), dtype=torch.int32, device=dev)   # tok_idx, blk_start, blk_end, blk_slot
         self.l_meta[3] = -1
-        self.l_y = torch.zeros((R, r_cap), dtype=torch.float32, device=dev)
+        self.l_y = torch.zeros((splits, R, r_cap), dtype=torch.float32, device=dev)
         self.version = -1
         self.any_lora = False
         self.all_greedy = True
@@ -48,7 +49,7 @@ class BatchState:
         """Upload new blocks and, if the set of rows changed, the per-row settings and LoRA grouping."""
         if scheduler.block_updates:
             rows, cols, vals = zip(*scheduler.block_updates)
-            upd = torch.tensor([rows, cols, vals], dtype=torch.int64).to(self.block_tables.device, non_blocking=True)
+            upd = to_device(torch.tensor([rows, cols, vals], dtype=torch.int64), self.block_tables.device)
             self.block_tables[upd[0], upd[1]] = upd[2].to(torch.int32)
             scheduler.block_updates.clear()
         if scheduler.version == self.version:
@@ -60,10 +61,11 @@ class BatchState:
             active[seq.row], temp[seq.row], top_p[seq.row], slots[seq.row] = (
                 True, seq.params.temperature, seq.params.top_p, seq.slot)
         order, starts, ends, blk_slots = plan_blocks(slots, self.block_t, num_blocks=R)
-        self.l_meta.copy_(torch.tensor([order, starts, ends, blk_slots], dtype=torch.int32), non_blocking=True)
-        self.active.copy_(torch.tensor(active), non_blocking=True)
-        self.temperature.copy_(torch.tensor(temp, dtype=torch.float32), non_blocking=True)
-        self.top_p.copy_(torch.tensor(top_p, dtype=torch.float32), non_blocking=True)
+        dev = self.l_meta.device
+        self.l_meta.copy_(to_device(torch.tensor([order, starts, ends, blk_slots], dtype=torch.int32), dev))
+        self.active.copy_(to_device(torch.tensor(active), dev))
+        self.temperature.copy_(to_device(torch.tensor(temp, dtype=torch.float32), dev))
+        self.top_p.copy_(to_device(torch.tensor(top_p, dtype=torch.float32), dev))
         self.any_lora = any(s >= 0 for s in slots)
         self.all_greedy = all(t == 0.0 for t, a in zip(temp, active) if a)
 
@@ -72,8 +74,8 @@ class BatchState:
         table = torch.zeros((len(rows), self.block_tables.shape[1]), dtype=torch.int32)
         for i, b in enumerate(blocks):
             table[i, : len(b)] = torch.tensor(b, dtype=torch.int32)
-        idx = torch.tensor(rows, dtype=torch.int64)
-        self.block_tables[idx.to(self.block_tables.device)] = table.to(self.block_tables.device)
+        dev = self.block_tables.device
+        self.block_tables[to_device(torch.tensor(rows, dtype=torch.int64), dev)] = to_device(table, dev)
 
     # ---- decode ----------------------------------------------------------------------------------------
 
@@ -90,7 +92,7 @@ class BatchState:
         ctx = None
         if sites is not None:
             step = LoraStep(self.l_meta[0, :B], self.l_meta[1, :B], self.l_meta[2, :B], self.l_meta[3, :B],
-                            self.l_y[:B], self.block_t)
+                            self.l_y[:, :B], self.block_t)
             ctx = LoraContext(step=step, sites=sites, **self.lora_ctx)
         hidden = self.model.forward(self.tokens[:B], pos, self.kv, attn, ctx)
         return self.model.logits(hidden)

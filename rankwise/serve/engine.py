@@ -35,6 +35,7 @@ from rankwise.serve.lora_batch import block_t_for, build_lora_step
 from rankwise.serve.model import AttnBatch, LlamaFamilyModel, LoraContext
 from rankwise.serve.sampling import find_stop, sample
 from rankwise.serve.scheduler import Plan, Scheduler, Sequence, Status
+from rankwise.serve.transfer import to_device
 
 
 class QueueFullError(RuntimeError):
@@ -83,8 +84,9 @@ def _resolve(config: EngineConfig, hf_dtype: torch.dtype) -> tuple[torch.device,
 
 
 class Engine:
-    def __init__(self, hf_model, config: EngineConfig = EngineConfig(), adapter_dir: str | Path | None = None,
+    def __init__(self, hf_model, config: EngineConfig | None = None, adapter_dir: str | Path | None = None,
                  tokenizer=None, eos_token_ids: tuple[int, ...] | None = None):
+        config = config or EngineConfig()
         device, dtype = _resolve(config, next(hf_model.parameters()).dtype)
         spec_limit = getattr(hf_model.config, "max_position_embeddings", 4096)
         if config.max_model_len == 0:
@@ -130,8 +132,13 @@ class Engine:
         self._lora_common = dict(tables=self.adapters.tables, pool=self.adapters.pool, layout=self.layout,
                                  max_lora_rank=config.max_lora_rank, backend=lora_backend)
         use_graphs = cuda and config.cuda_graphs and attn_backend == "triton" and lora_backend == "triton"
+        splits = 1
+        if lora_backend == "triton":
+            from rankwise.serve.kernels.triton_lora import split_k
+
+            splits = split_k(max(self.layout.site_in), 1)
         self.batch = BatchState(self.model, self.kv, self._lora_common, config.max_num_seqs,
-                                blocks_needed(config.max_model_len, bs), self.block_t, self.r_cap, use_graphs)
+                                blocks_needed(config.max_model_len, bs), self.block_t, self.r_cap, use_graphs, splits)
         self.tokenizer = tokenizer
         if eos_token_ids is None:
             eos = getattr(hf_model.generation_config, "eos_token_id", None) if getattr(
@@ -150,7 +157,7 @@ class Engine:
                          "steps_prefill": 0, "steps_decode": 0}
 
     @classmethod
-    def from_pretrained(cls, model: str | Path, config: EngineConfig = EngineConfig(), adapter_dir=None,
+    def from_pretrained(cls, model: str | Path, config: EngineConfig | None = None, adapter_dir=None,
                         tokenizer=None) -> Engine:
         """Load a local transformers checkpoint (and its tokenizer, when it has one)."""
         from transformers import AutoModelForCausalLM
@@ -252,17 +259,19 @@ class Engine:
             seq.num_cached, seq.num_launched = n, len(seq.output_ids) + 1
             self.counters["prompt_tokens"] += n
         host = torch.tensor([ids, pos, slots], dtype=torch.int64)
-        inputs = host.to(dev, non_blocking=True)
-        step = build_lora_step(token_slots, self.block_t, self.r_cap, dev)
+        inputs = to_device(host, dev)
+        step = build_lora_step(token_slots, self.block_t, self.r_cap, dev,
+                               max(self.layout.site_in) if self.lora_backend == "triton" else None)
         lora = LoraContext(step=step, sites=self.adapters.site_mask(), **self._lora_common) if step is not None \
             else None
         self.batch.set_rows([s.row for s in seqs], [s.blocks for s in seqs])
         hidden = self.model.forward(inputs[0], inputs[1], self.kv, AttnBatch(inputs[2], prefill_lens=lens), lora)
         meta = torch.tensor([[s.row for s in seqs], lens, list(itertools.accumulate(lens))], dtype=torch.int64)
-        meta = meta.to(dev, non_blocking=True)
+        meta = to_device(meta, dev)
         logits = self.model.logits(hidden[meta[2] - 1])
-        temps = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32).to(dev, non_blocking=True)
-        top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32).to(dev, non_blocking=True)
+        params = to_device(torch.tensor([[s.params.temperature for s in seqs], [s.params.top_p for s in seqs]],
+                                        dtype=torch.float32), dev)
+        temps, top_p = params[0], params[1]
         greedy = all(s.params.temperature == 0 for s in seqs)
         nxt = sample(logits, temps, top_p, greedy, self.generator)
         self.batch.start_rows(meta[0], nxt, meta[1])

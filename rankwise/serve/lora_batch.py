@@ -30,6 +30,7 @@ from rankwise.config import match_pattern
 from rankwise.io.peft import parse_state_dict
 from rankwise.layers.scaling import lora_scale
 from rankwise.serve.kernels import reference
+from rankwise.serve.transfer import to_device
 
 SITES = ("qkv", "o", "gate_up", "down")
 SITE_MODULES = {
@@ -220,13 +221,13 @@ class LoraTables:
             return torch.where(off >= 0, off + base, off)
 
         dev = self.offA.device
-        self.offA[..., slot] = shift(packed.offA).clamp_min(0).to(dev, non_blocking=True)
-        self.rankA[..., slot] = packed.rankA.to(dev, non_blocking=True)
-        self.offB[..., slot] = shift(packed.offB).clamp_min(0).to(dev, non_blocking=True)
-        self.rankB[..., slot] = packed.rankB.to(dev, non_blocking=True)
-        self.r0[..., slot] = packed.r0.to(dev, non_blocking=True)
-        self.scale[..., slot] = packed.scale.to(dev, non_blocking=True)
-        self.offG[..., slot] = shift(packed.offG).to(dev, non_blocking=True)
+        self.offA[..., slot] = to_device(shift(packed.offA).clamp_min(0), dev)
+        self.rankA[..., slot] = to_device(packed.rankA, dev)
+        self.offB[..., slot] = to_device(shift(packed.offB).clamp_min(0), dev)
+        self.rankB[..., slot] = to_device(packed.rankB, dev)
+        self.r0[..., slot] = to_device(packed.r0, dev)
+        self.scale[..., slot] = to_device(packed.scale, dev)
+        self.offG[..., slot] = to_device(shift(packed.offG), dev)
 
     def clear(self, slot: int) -> None:
         self.rankA[..., slot] = 0
@@ -242,7 +243,7 @@ class LoraStep:
     blk_start: torch.Tensor  # (NB,) int32
     blk_end: torch.Tensor    # (NB,) int32
     blk_slot: torch.Tensor   # (NB,) int32, -1: no adapter
-    y: torch.Tensor          # (N, R_cap) float32 workspace
+    y: torch.Tensor          # (SPLIT, N, R_cap) float32 workspace (the Triton shrink's partial sums over K)
     block_t: int
 
 
@@ -271,15 +272,22 @@ def plan_blocks(token_slots: list[int], block_t: int, num_blocks: int | None = N
     return order, starts, ends, slots
 
 
-def build_lora_step(token_slots: list[int], block_t: int, r_cap: int, device: torch.device) -> LoraStep | None:
-    """A LoraStep for tokens with these adapter slots, or None when no token uses an adapter."""
+def build_lora_step(token_slots: list[int], block_t: int, r_cap: int, device: torch.device,
+                    max_k: int | None = None) -> LoraStep | None:
+    """A LoraStep for tokens with these adapter slots, or None when no token uses an adapter. max_k: the widest
+    site input, for the Triton backend's split-K workspace (None: the reference, one slice)."""
     if all(s < 0 for s in token_slots):
         return None
     order, starts, ends, slots = plan_blocks(token_slots, block_t)
-    tok_idx = torch.tensor(order, dtype=torch.int32)
-    blocks = torch.tensor([starts, ends, slots], dtype=torch.int32)
-    return LoraStep(tok_idx.to(device), blocks[0].to(device), blocks[1].to(device), blocks[2].to(device),
-                    torch.empty((len(token_slots), r_cap), dtype=torch.float32, device=device), block_t)
+    splits = 1
+    if max_k is not None:
+        from rankwise.serve.kernels.triton_lora import split_k
+
+        splits = split_k(max_k, len(slots))
+    tok_idx = to_device(torch.tensor(order, dtype=torch.int32), device)
+    blocks = to_device(torch.tensor([starts, ends, slots], dtype=torch.int32), device)
+    return LoraStep(tok_idx, blocks[0], blocks[1], blocks[2],
+                    torch.empty((splits, len(token_slots), r_cap), dtype=torch.float32, device=device), block_t)
 
 
 def block_t_for(backend: str) -> int:
@@ -295,17 +303,18 @@ def apply_lora(site: int, layer: int, x: torch.Tensor, out: torch.Tensor, step: 
     offB, rankB = tables.offB[layer, site, :P], tables.rankB[layer, site, :P]
     r0, scale, offG = tables.r0[layer, site, :P], tables.scale[layer, site, :P], tables.offG[layer, site, :P]
     if backend == "triton":
-        from rankwise.serve.kernels.triton_lora import lora_expand, lora_shrink
+        from rankwise.serve.kernels.triton_lora import lora_expand, lora_shrink, split_k
 
+        split = split_k(x.shape[1], step.blk_slot.shape[0])
         lora_shrink(x, pool, step.y, step.tok_idx, step.blk_start, step.blk_end, step.blk_slot,
                     tables.offA[layer, site], tables.rankA[layer, site],
-                    max_rank=layout.max_site_rank(site, max_lora_rank), block_t=step.block_t)
+                    max_rank=layout.max_site_rank(site, max_lora_rank), split=split, block_t=step.block_t)
         lora_expand(step.y, out, pool, step.tok_idx, step.blk_start, step.blk_end, step.blk_slot, cols,
-                    offB, rankB, r0, scale, offG, block_t=step.block_t)
+                    offB, rankB, r0, scale, offG, split=split, block_t=step.block_t)
     else:
-        reference.lora_shrink_ref(x, pool, step.y, step.tok_idx, step.blk_start, step.blk_end, step.blk_slot,
+        reference.lora_shrink_ref(x, pool, step.y[0], step.tok_idx, step.blk_start, step.blk_end, step.blk_slot,
                                   tables.offA[layer, site], tables.rankA[layer, site])
-        reference.lora_expand_ref(step.y, out, pool, step.tok_idx, step.blk_start, step.blk_end, step.blk_slot,
+        reference.lora_expand_ref(step.y[0], out, pool, step.tok_idx, step.blk_start, step.blk_end, step.blk_slot,
                                   cols, offB, rankB, r0, scale, offG)
 
 

@@ -21,12 +21,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rankwise.serve.kernels.reference import paged_decode_attention_ref
 from rankwise.serve.kv_cache import KVCache
 from rankwise.serve.lora_batch import LoraLayout, LoraStep, LoraTables, apply_lora
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# Not cuDNN's attention: it builds a plan per new sequence length (tens of ms), and every prompt length is new.
+_PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(frozen=True)
@@ -193,8 +196,9 @@ class LlamaFamilyModel:
                 qs = q[start: start + n].transpose(0, 1)[None]   # (1, H, n, D)
                 ks = k[start: start + n].transpose(0, 1)[None]   # (1, H_kv, n, D)
                 vs = v[start: start + n].transpose(0, 1)[None]
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale,
-                                                   enable_gqa=ks.shape[1] != qs.shape[1])
+                with sdpa_kernel(_PREFILL_BACKENDS):
+                    o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.scale,
+                                                       enable_gqa=ks.shape[1] != qs.shape[1])
                 outs.append(o[0].transpose(0, 1))                # (n, H, D)
                 start += n
             return torch.cat(outs).reshape(T, -1)

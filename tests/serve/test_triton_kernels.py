@@ -44,8 +44,8 @@ def _pool_case(K, parts, ranks, dora, dtype, device, seed=0):
     return t(pool), t(offA), t(rankA), t(offB), t(rankB), t(r0), t(scale.contiguous()), t(offG)
 
 
-def _run_lora(T, K, parts, ranks, token_slots, block_t, dtype, device, dora=True):
-    from rankwise.serve.kernels.triton_lora import lora_expand, lora_shrink
+def _run_lora(T, K, parts, ranks, token_slots, block_t, dtype, device, dora=True, split=None):
+    from rankwise.serve.kernels.triton_lora import lora_expand, lora_shrink, split_k
 
     pool, offA, rankA, offB, rankB, r0, scale, offG = _pool_case(K, parts, ranks, dora, dtype, device)
     cols = tuple([0] + list(torch.tensor(parts).cumsum(0).tolist()))
@@ -54,24 +54,26 @@ def _run_lora(T, K, parts, ranks, token_slots, block_t, dtype, device, dora=True
     g = torch.Generator().manual_seed(1)
     x = torch.randn(T, K, generator=g).to(device, dtype)
     r_cap = max(sum(r) for r in ranks)
-    y_k = torch.zeros(T, r_cap, device=device)
+    split = split or split_k(K, len(st))
+    y_k = torch.zeros(split, T, r_cap, device=device)
     y_r = torch.zeros(T, r_cap, device=device)
-    lora_shrink(x, pool, y_k, *meta, offA, rankA, max_rank=r_cap, block_t=block_t)
+    lora_shrink(x, pool, y_k, *meta, offA, rankA, max_rank=r_cap, split=split, block_t=block_t)
     lora_shrink_ref(x, pool, y_r, *meta, offA, rankA)
     out0 = torch.randn(T, cols[-1], generator=g).to(device, dtype)
     out_k, out_r = out0.clone(), out0.clone()
-    lora_expand(y_k, out_k, pool, *meta, cols, offB, rankB, r0, scale, offG, block_t=block_t)
+    lora_expand(y_k, out_k, pool, *meta, cols, offB, rankB, r0, scale, offG, split=split, block_t=block_t)
     lora_expand_ref(y_r, out_r, pool, *meta, cols, offB, rankB, r0, scale, offG)
     used = torch.tensor([s >= 0 for s in token_slots], device=device)
-    return y_k, y_r, out_k, out_r, out0, used
+    return y_k.sum(0), y_r, out_k, out_r, out0, used
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lora_kernels_match_reference_interpreter(dtype):
+@pytest.mark.parametrize("dtype,split", [(torch.float32, 1), (torch.float32, 3), (torch.bfloat16, 2)])
+def test_lora_kernels_match_reference_interpreter(dtype, split):
     # qkv-like site: 3 parts of unequal width; 4 adapters with unequal and partly absent ranks; tokens interleaved
     ranks = [[4, 2, 0], [16, 8, 8], [1, 0, 3], [0, 0, 0]]
     slots = [0, 1, 1, -1, 2, 0, 1, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2]  # one adapter spans 2 blocks
-    y_k, y_r, out_k, out_r, out0, used = _run_lora(len(slots), 48, (32, 16, 16), ranks, slots, 16, dtype, "cpu")
+    y_k, y_r, out_k, out_r, out0, used = _run_lora(len(slots), 48, (32, 16, 16), ranks, slots, 16, dtype, "cpu",
+                                                   split=split)  # split: the shrink's reduction over K in parts
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for t, s in enumerate(slots):
         if s >= 0 and sum(ranks[s]):
@@ -107,12 +109,14 @@ def test_launchers_reject_bad_inputs():
 
     x = torch.randn(4, 8)
     i32 = torch.zeros(4, dtype=torch.int32)
+    i64 = torch.zeros(1, dtype=torch.int64)
     with pytest.raises(ValueError, match="pool must be 1-D"):
-        lora_shrink(x, torch.zeros(10, dtype=torch.bfloat16), torch.zeros(4, 8), i32, i32, i32, i32,
-                    torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), max_rank=8)
+        lora_shrink(x, torch.zeros(10, dtype=torch.bfloat16), torch.zeros(1, 4, 8), i32, i32, i32, i32, i64, i64,
+                    max_rank=8, split=1)
     with pytest.raises(ValueError, match="tok_idx"):
-        lora_shrink(x, torch.zeros(10), torch.zeros(4, 8), i32.long(), i32, i32, i32,
-                    torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), max_rank=8)
+        lora_shrink(x, torch.zeros(10), torch.zeros(1, 4, 8), i32.long(), i32, i32, i32, i64, i64, max_rank=8, split=1)
+    with pytest.raises(ValueError, match=r"\(>= 2, N, >= 8\)"):
+        lora_shrink(x, torch.zeros(10), torch.zeros(1, 4, 8), i32, i32, i32, i32, i64, i64, max_rank=8, split=2)
     with pytest.raises(ValueError, match="head_dim=12"):
         paged_decode_attention(torch.randn(1, 2, 12), torch.randn(3, 4, 2, 12), torch.randn(3, 4, 2, 12),
                                torch.zeros(1, 2, dtype=torch.int32), torch.ones(1, dtype=torch.int32), 1.0)
@@ -129,7 +133,9 @@ def test_lora_kernels_real_sizes_gpu(site):
     ranks = [[cycle[(s + p) % 4] for p in range(len(parts))] for s in range(40)]
     slots = [s % 40 for s in range(32)] + [-1] * 3 + [7] * 300
     _, _, out_k, out_r, out0, used = _run_lora(len(slots), K, parts, ranks, slots, 16, torch.bfloat16, "cuda")
-    torch.testing.assert_close(out_k.float(), out_r.float(), atol=6e-2, rtol=2e-2)
+    # bf16 outputs: y is rounded to bf16 before the expand, so a 1-ulp flip of y can move an output by ~1%
+    err = (out_k.float() - out_r.float()).abs()
+    assert err.max() <= 0.02 * out_r.float().abs().max() and err.mean() <= 1e-3 * out_r.float().abs().max()
     assert torch.equal(out_k[~used], out0[~used])
 
 

@@ -94,7 +94,7 @@ def paged_decode_attention_ref(
     context_lens: torch.Tensor,  # (B,) int32, 0 for an empty row (its output is 0)
     scale: float,
 ) -> torch.Tensor:               # (B, H, D)
-    B, H, D = q.shape
+    H, D = q.shape[1:]
     bs, H_kv = k_cache.shape[1], k_cache.shape[2]
     out = torch.zeros_like(q)
     for b, n in enumerate(context_lens.tolist()):

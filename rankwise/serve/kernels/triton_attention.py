@@ -2,7 +2,7 @@
 
 Specification: `paged_decode_attention_ref` in `reference.py`. One program per (sequence, KV head) handles the
 GROUP query heads that share that KV head (grouped-query attention), reads keys and values straight from the
-cache blocks named by the block table (no gather copy), BLOCK_N tokens at a time, with an online softmax
+cache blocks named by the block table (no gather copy), BLOCK_N tokens at a time (128 for head_dim <= 64), with an online softmax
 (Milakov & Gimelshein 2018; the FlashAttention recurrence):
 
     m' = max(m, max_j s_j);  l' = l e^{m - m'} + sum_j e^{s_j - m'};  acc' = acc e^{m - m'} + sum_j e^{s_j - m'} v_j
@@ -118,7 +118,7 @@ def paged_decode_attention(
         q, k_cache, v_cache, block_tables, context_lens, out, scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=D, BS=BS, BLOCK_N=64,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=D, BS=BS, BLOCK_N=128 if D <= 64 else 64,
         IEEE=q.dtype == torch.float32, UP=UPCAST,
     )
     return out

@@ -4,7 +4,8 @@ The math and the layout are specified by `lora_shrink_ref` / `lora_expand_ref` i
 kernels must match (tests/serve/test_triton_lora.py). Tokens come grouped by adapter; each program handles one
 block of up to BLOCK_T tokens that share an adapter (a segment of a prefill, or the decode rows of one adapter),
 so an adapter's A and B are read once per block, never once per token, and each adapter reads exactly its own
-R_s rows: programs whose rank tile lies past R_s return at once (the grid is sized by the largest rank so that a
+R_s rows. The shrink's reduction over K is split over SPLIT programs per block (partial sums in y[s], added by the
+expand in a fixed order), which keeps many loads in flight when a decode step has few blocks; programs whose rank tile lies past R_s return at once (the grid is sized by the largest rank so that a
 CUDA graph can replay it for any mix of adapters, as S-LoRA's kernels do, but no memory is padded or read).
 """
 
@@ -38,18 +39,20 @@ def _mm(a, b, IEEE: tl.constexpr, UP: tl.constexpr):
 def _lora_shrink_kernel(
     x_ptr,        # (T, K) activations, model dtype
     pool_ptr,     # (numel,) packed adapter weights, model dtype
-    y_ptr,        # (N, R_cap) float32 output
+    y_ptr,        # (SPLIT, N, R_cap) float32 partial sums, one slice per K split
     tok_ptr,      # (N,) int32 token of each grouped position
     bstart_ptr,   # (NB,) int32 first position of the block
     bend_ptr,     # (NB,) int32 one past its last position
     bslot_ptr,    # (NB,) int32 adapter slot of the block, -1: none
     offA_ptr,     # (S,) int64 offset of A_s (R_s, K) in the pool
     rank_ptr,     # (S,) int64 R_s
-    K, stride_x, stride_y,
-    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr, UP: tl.constexpr,
+    K, stride_x, stride_ys, stride_y,
+    K_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    UP: tl.constexpr,
 ):
     b = tl.program_id(0)
     rb = tl.program_id(1)
+    ks = tl.program_id(2)
     slot = tl.load(bslot_ptr + b)
     if slot < 0:
         return
@@ -65,7 +68,7 @@ def _lora_shrink_kernel(
     mask_r = offs_r < R
     a_base = tl.load(offA_ptr + slot)
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(ks * K_PER, ks * K_PER + K_PER, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         xt = tl.load(x_ptr + tok[:, None] * stride_x + offs_k[None, :],
@@ -73,13 +76,13 @@ def _lora_shrink_kernel(
         at = tl.load(pool_ptr + a_base + offs_r[None, :].to(tl.int64) * K + offs_k[:, None],
                      mask=mask_r[None, :] & mask_k[:, None], other=0.0)                        # (BLOCK_K, BLOCK_R)
         acc += _mm(xt, at, IEEE, UP)
-    tl.store(y_ptr + offs_t[:, None].to(tl.int64) * stride_y + offs_r[None, :], acc,
+    tl.store(y_ptr + ks * stride_ys + offs_t[:, None].to(tl.int64) * stride_y + offs_r[None, :], acc,
              mask=mask_t[:, None] & mask_r[None, :])
 
 
 @triton.jit
 def _lora_expand_kernel(
-    y_ptr,        # (N, R_cap) float32 from the shrink
+    y_ptr,        # (SPLIT, N, R_cap) float32 partial sums from the shrink
     out_ptr,      # (T, N_total) model dtype, updated in place
     pool_ptr,     # (numel,)
     tok_ptr, bstart_ptr, bend_ptr, bslot_ptr,
@@ -88,7 +91,7 @@ def _lora_expand_kernel(
     r0_ptr,       # (P, S) int64 first row of part p in y
     scale_ptr,    # (P, S) float32
     offG_ptr,     # (P, S) int64 DoRA factor g_sp (N_p,), -1: none
-    S, c1, c2, w0, w1, w2, stride_y, stride_out, NBLK_N,
+    S, c1, c2, w0, w1, w2, SPLIT, stride_ys, stride_y, stride_out, NBLK_N,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr, UP: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -120,8 +123,10 @@ def _lora_expand_kernel(
     for j0 in range(0, r, BLOCK_R):
         offs_j = j0 + tl.arange(0, BLOCK_R)
         mask_j = offs_j < r
-        yt = tl.load(y_ptr + offs_t[:, None].to(tl.int64) * stride_y + row0 + offs_j[None, :],
-                     mask=mask_t[:, None] & mask_j[None, :], other=0.0)                         # (BLOCK_T, BLOCK_R)
+        y_ptrs = y_ptr + offs_t[:, None].to(tl.int64) * stride_y + row0 + offs_j[None, :]
+        yt = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        for sk in range(SPLIT):  # the shrink's partial sums over K, added in a fixed order (deterministic)
+            yt += tl.load(y_ptrs + sk * stride_ys, mask=mask_t[:, None] & mask_j[None, :], other=0.0)
         bt = tl.load(pool_ptr + b_base + offs_j[:, None].to(tl.int64) * width + offs_n[None, :],
                      mask=mask_j[:, None] & mask_n[None, :], other=0.0)                         # (BLOCK_R, BLOCK_N)
         acc += _mm(yt.to(bt.dtype), bt, IEEE, UP)
@@ -144,22 +149,35 @@ def _check_blocks(tok_idx, blk_start, blk_end, blk_slot, device) -> None:
                          f"{blk_slot.shape[0]}; they describe the same blocks.")
 
 
+K_PER = 256  # K elements per shrink program
+
+
+def split_k(K: int, num_blocks: int) -> int:
+    """Programs sharing one block's reduction over K: enough for ~2048 programs per rank tile, at most K / K_PER."""
+    return max(1, min(triton.cdiv(K, K_PER), 2048 // max(num_blocks, 1)))
+
+
 def lora_shrink(
     x: torch.Tensor, pool: torch.Tensor, y: torch.Tensor, tok_idx: torch.Tensor, blk_start: torch.Tensor,
     blk_end: torch.Tensor, blk_slot: torch.Tensor, offA: torch.Tensor, rankA: torch.Tensor, *,
-    max_rank: int, block_t: int = 16,
+    max_rank: int, split: int, block_t: int = 16,
 ) -> None:
-    """y[i, :R_s] = x[tok_idx[i]] @ A_s^T for every block with an adapter (see `lora_shrink_ref`).
+    """y[s, i, :R_s] = partial sums (over the s-th K range) of x[tok_idx[i]] @ A_s^T for every block with an
+    adapter; sum over s = `lora_shrink_ref`'s y.
 
-    x: (T, K); pool: (numel,) same dtype; y: (N, R_cap) float32 with R_cap >= max_rank; max_rank: the largest
-    R_s the grid must cover (a fixed number keeps a captured CUDA graph valid for any adapter mix)."""
+    x: (T, K); pool: (numel,) same dtype; y: (>= split, N, R_cap) float32 with R_cap >= max_rank; max_rank: the
+    largest R_s the grid must cover (a fixed number keeps a captured CUDA graph valid for any adapter mix);
+    split: `split_k(K, num_blocks)`, the same number passed to `lora_expand`."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"x must be (tokens, in_features) with contiguous rows, got shape {tuple(x.shape)} "
                          f"strides {x.stride()}.")
     if pool.dtype != x.dtype or pool.dim() != 1:
         raise ValueError(f"pool must be 1-D of x's dtype {x.dtype}, got {tuple(pool.shape)} {pool.dtype}.")
-    if y.dtype != torch.float32 or y.dim() != 2 or y.shape[1] < max_rank or y.stride(1) != 1:
-        raise ValueError(f"y must be a (N, >= {max_rank}) float32 buffer, got {tuple(y.shape)} {y.dtype}.")
+    if y.dtype != torch.float32 or y.dim() != 3 or y.shape[0] < split or y.shape[2] < max_rank or y.stride(2) != 1:
+        raise ValueError(f"y must be a (>= {split}, N, >= {max_rank}) float32 buffer, got {tuple(y.shape)} {y.dtype}.")
+    K = x.shape[1]
+    if not 1 <= split <= K:
+        raise ValueError(f"split={split} for K={K}: use rankwise.serve.kernels.triton_lora.split_k.")
     _check_blocks(tok_idx, blk_start, blk_end, blk_slot, x.device)
     if offA.dtype != torch.int64 or rankA.dtype != torch.int64 or offA.shape != rankA.shape:
         raise ValueError(f"offA and rankA must be int64 of one shape (S,), got {offA.dtype} {tuple(offA.shape)} "
@@ -168,30 +186,34 @@ def lora_shrink(
     if NB == 0 or max_rank == 0:
         return
     BLOCK_R = 16
-    BLOCK_K = 128 if x.shape[1] >= 128 else max(16, triton.next_power_of_2(x.shape[1]))
-    grid = (NB, triton.cdiv(max_rank, BLOCK_R))
+    per_split = triton.cdiv(K, split)
+    BLOCK_K = min(128, max(16, triton.next_power_of_2(per_split)))
+    k_per = triton.cdiv(per_split, BLOCK_K) * BLOCK_K  # each program's K range, a multiple of BLOCK_K
+    grid = (NB, triton.cdiv(max_rank, BLOCK_R), split)
     _lora_shrink_kernel[grid](
         x, pool, y, tok_idx, blk_start, blk_end, blk_slot, offA, rankA,
-        x.shape[1], x.stride(0), y.stride(0),
-        BLOCK_T=block_t, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, IEEE=x.dtype == torch.float32, UP=UPCAST,
+        x.shape[1], x.stride(0), y.stride(0), y.stride(1),
+        K_PER=k_per, BLOCK_T=block_t, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, IEEE=x.dtype == torch.float32, UP=UPCAST,
     )
 
 
 def lora_expand(
     y: torch.Tensor, out: torch.Tensor, pool: torch.Tensor, tok_idx: torch.Tensor, blk_start: torch.Tensor,
     blk_end: torch.Tensor, blk_slot: torch.Tensor, part_cols: tuple[int, ...], offB: torch.Tensor,
-    rankB: torch.Tensor, r0: torch.Tensor, scale: torch.Tensor, offG: torch.Tensor, *, block_t: int = 16,
+    rankB: torch.Tensor, r0: torch.Tensor, scale: torch.Tensor, offG: torch.Tensor, *, split: int,
+    block_t: int = 16,
 ) -> None:
-    """out[t, cols_p] = g_sp * (out[t, cols_p] + scale * y[i, r0:r0 + r_sp] @ B_sp^T), in place
-    (see `lora_expand_ref`). out: (T, N_total) with parts at `part_cols` (1 to 3 parts)."""
+    """out[t, cols_p] = g_sp * (out[t, cols_p] + scale * (sum_s y[s, i, r0:r0 + r_sp]) @ B_sp^T), in place
+    (see `lora_expand_ref`). out: (T, N_total) with parts at `part_cols` (1 to 3 parts); split: the shrink's."""
     P = len(part_cols) - 1
     if not 1 <= P <= 3 or part_cols[0] != 0 or part_cols[-1] != out.shape[1]:
         raise ValueError(f"part_cols={part_cols}: need 2 to 4 boundaries from 0 to out's width {out.shape[1]}.")
     if out.dim() != 2 or out.stride(1) != 1 or pool.dtype != out.dtype:
         raise ValueError(f"out must be (tokens, N) with contiguous rows and pool's dtype {pool.dtype}; got "
                          f"{tuple(out.shape)} strides {out.stride()} {out.dtype}.")
-    if y.dtype != torch.float32 or y.stride(1) != 1:
-        raise ValueError(f"y must be the float32 buffer the shrink wrote, got {y.dtype} strides {y.stride()}.")
+    if y.dtype != torch.float32 or y.dim() != 3 or y.shape[0] < split or y.stride(2) != 1:
+        raise ValueError(f"y must be the (>= {split}, N, R) float32 buffer the shrink wrote, got {tuple(y.shape)} "
+                         f"{y.dtype}.")
     _check_blocks(tok_idx, blk_start, blk_end, blk_slot, out.device)
     S = offB.shape[-1]
     for name, t, dt in (("offB", offB, torch.int64), ("rankB", rankB, torch.int64), ("r0", r0, torch.int64),
@@ -208,6 +230,6 @@ def lora_expand(
     grid = (NB, P * nblk)
     _lora_expand_kernel[grid](
         y, out, pool, tok_idx, blk_start, blk_end, blk_slot, offB, rankB, r0, scale, offG,
-        S, cols[0], cols[1], widths[0], widths[1], widths[2], y.stride(0), out.stride(0), nblk,
+        S, cols[0], cols[1], widths[0], widths[1], widths[2], split, y.stride(0), y.stride(1), out.stride(0), nblk,
         BLOCK_T=block_t, BLOCK_N=BLOCK_N, BLOCK_R=16, IEEE=out.dtype == torch.float32, UP=UPCAST,
     )
