@@ -138,16 +138,20 @@ class _DoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, in_features)  # (M, in)
         y = F.linear(x2, weight)  # (M, out) = x W^T, the base bias is added by the kernel after the factor
         h = _adapter_forward(x2, y, lora_A, lora_B, scale, lora_bias, f, bias, None, 0.0)
-        _save(ctx, (x2, h, y), (weight, bias, lora_A, lora_B, lora_bias, f))
+        out = y.view(*x.shape[:-1], out_features)
+        # Save the output itself (not y, which the kernel wrote in place): under torch.compile a saved tensor that
+        # was mutated after its creation is not guaranteed to be the mutated value.
+        _save(ctx, (x2, h, out), (weight, bias, lora_A, lora_B, lora_bias, f))
         ctx.scale, ctx.x_shape = scale, x.shape
-        return y.view(*x.shape[:-1], out_features)
+        return out
 
     @staticmethod
     def backward(ctx, dy):
-        x2, h, y, weight, bias, A, B, lora_bias, f = _load(ctx)
+        x2, h, out, weight, bias, A, B, lora_bias, f = _load(ctx)
         s = ctx.scale
         need_x, _, _, need_A, need_B, need_lb, need_f = ctx.needs_input_grad[:7]
         dy2 = dy.reshape(-1, weight.shape[0])  # (M, out); dz = dy ⊙ f is never materialised
+        y = out.reshape(-1, weight.shape[0])  # (M, out)
         dx = None
         if need_x:  # (dy ⊙ f) W, scaling whichever of dy (M, out) and W (out, in) is smaller; computed in fp32
             if x2.shape[0] >= weight.shape[1]:
