@@ -17,7 +17,7 @@ from rankwise.train.runner import train
 
 BUDGET = "r4"  # the parameters of rank 4 on every linear layer
 STEPS = 150
-SETTINGS = {"task": "classification", "budget": BUDGET, "batch_size": 32, "max_length": 64, "lr": 1e-3,
+SETTINGS = {"task": "classification", "budget": BUDGET, "batch_size": 32, "max_length": 64, "lr": 5e-3,
             "warmup_ratio": 0.06, "eval_batch_size": 100, "log_every": 10, "seed": 0, "tensorboard": False}
 
 
