@@ -70,9 +70,9 @@ def run(args: argparse.Namespace) -> int:
     if args.adapters is not None and not Path(args.adapters).is_dir():
         raise SystemExit(f"--adapters {args.adapters}: not a directory.")
     engine = Engine.from_pretrained(args.model, config_from_args(args), adapter_dir=args.adapters)
+    engine.warmup()
     for name in args.pin:
         engine.adapters.load(name, pin=True)
-    engine.warmup()
     name = args.served_model_name or Path(args.model).resolve().name
     app = create_app(engine, served_model_name=name)
     print(f"rankwise serve: model {name!r} on {engine.device} ({engine.dtype}), adapters from {args.adapters}; "

@@ -32,6 +32,8 @@ class EngineConfig:
     max_queue: requests waiting or running beyond which `add_request` raises `QueueFullError` (HTTP 429).
     cuda_graphs: capture decode steps as CUDA graphs (GPU only).
     lora_backend: "auto" (Triton on CUDA, the PyTorch reference elsewhere), "triton" or "reference".
+    prefill_token_multiple: a prefill step's token count is padded up to a multiple of this (0: 64 on CUDA, else 1),
+        so that the GEMMs see a bounded set of shapes (cuBLAS picks and caches an algorithm per shape).
     """
 
     max_num_seqs: int = 32
@@ -52,6 +54,7 @@ class EngineConfig:
     lora_backend: str = "auto"
     attention_backend: str = "auto"
     seed: int = 0
+    prefill_token_multiple: int = 0
     decode_buckets: tuple[int, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -61,6 +64,8 @@ class EngineConfig:
                      "max_gpu_adapters", "max_host_adapters", "max_lora_rank", "max_queue", "adapter_load_threads"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, f"EngineConfig.{name}={value!r}: must be an integer >= 1.")
+        _check(self.prefill_token_multiple >= 0,
+               f"EngineConfig.prefill_token_multiple={self.prefill_token_multiple!r}: must be >= 0 (0 = auto).")
         _check(self.num_kv_blocks >= 0, f"EngineConfig.num_kv_blocks={self.num_kv_blocks!r}: must be >= 0 (0 = derive).")
         _check(self.lora_pool_mb > 0, f"EngineConfig.lora_pool_mb={self.lora_pool_mb!r}: must be > 0.")
         _check(self.max_num_batched_tokens >= 16,

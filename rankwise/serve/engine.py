@@ -139,6 +139,7 @@ class Engine:
             splits = split_k(max(self.layout.site_in), 1)
         self.batch = BatchState(self.model, self.kv, self._lora_common, config.max_num_seqs,
                                 blocks_needed(config.max_model_len, bs), self.block_t, self.r_cap, use_graphs, splits)
+        self.prefill_multiple = config.prefill_token_multiple or (64 if cuda else 1)
         self.tokenizer = tokenizer
         if eos_token_ids is None:
             eos = getattr(hf_model.generation_config, "eos_token_id", None) if getattr(
@@ -258,6 +259,8 @@ class Engine:
             lens.append(n)
             seq.num_cached, seq.num_launched = n, len(seq.output_ids) + 1
             self.counters["prompt_tokens"] += n
+        pad = -len(ids) % self.prefill_multiple  # padding tokens: id 0 at position 0, written to scratch slot 0
+        ids, pos, slots, token_slots = ids + [0] * pad, pos + [0] * pad, slots + [0] * pad, token_slots + [-1] * pad
         host = torch.tensor([ids, pos, slots], dtype=torch.int64)
         inputs = to_device(host, dev)
         step = build_lora_step(token_slots, self.block_t, self.r_cap, dev,
@@ -386,12 +389,33 @@ class Engine:
                 self.adapters.release(name)
 
     def warmup(self) -> None:
-        """Capture the decode CUDA graphs of every batch size now rather than on first use."""
+        """Before serving: capture the decode CUDA graphs of every batch size, and run a prefill of every padded
+        size (cuBLAS settles its algorithm per shape) and with LoRA (Triton compiles its kernel variants), so that
+        no request pays for it."""
+        if self.device.type != "cuda":
+            return
+        self._warm_prefill()
         if self.batch.use_graphs:
             for b in self.config.buckets():
                 for sites in (None, (True, True, False, False), (True,) * 4):
                     self.batch.capture(b, sites)
-            torch.cuda.synchronize()
+        torch.cuda.synchronize()
+
+    def _warm_prefill(self) -> None:
+        step_sizes = range(self.prefill_multiple, self.config.max_num_batched_tokens + 1, self.prefill_multiple)
+        sizes = list(step_sizes) or [self.prefill_multiple]
+        dev = self.device
+        for T in sizes:
+            ids = torch.zeros(T, dtype=torch.int64, device=dev)
+            lora = None
+            if T in (self.prefill_multiple, sizes[-1]) and self.lora_backend == "triton":
+                # slot 0 with a block of every 16 tokens: the kernels run (and compile) but the empty tables
+                # make them return at once; the step's outputs go to the scratch block and are dropped
+                step = build_lora_step([0] * T, self.block_t, self.r_cap, dev, max(self.layout.site_in))
+                lora = LoraContext(step=step, sites=(True,) * 4, **self._lora_common)
+                if self.adapters.resident_count():
+                    lora = None  # tables in use: skip rather than run real adapters on scratch tokens
+            self.model.forward(ids, ids, self.kv, AttnBatch(ids, prefill_lens=[T]), lora)
 
     def stats(self) -> dict:
         s = self.scheduler

@@ -75,7 +75,7 @@ def spec_from_config(cfg) -> ModelSpec:
 @dataclass
 class AttnBatch:
     """How the step's tokens attend. slot_mapping: (T,) int64 cache slots the new keys/values go to.
-    Prefill: prefill_lens (python ints) split the tokens into prompts. Decode: block_tables (B, max_blocks)
+    Prefill: prefill_lens (python ints) split the tokens into prompts; tokens past their sum are padding. Decode: block_tables (B, max_blocks)
     int32 and context_lens (B,) int32 (0 for a padded row)."""
 
     slot_mapping: torch.Tensor
@@ -201,6 +201,8 @@ class LlamaFamilyModel:
                                                        enable_gqa=ks.shape[1] != qs.shape[1])
                 outs.append(o[0].transpose(0, 1))                # (n, H, D)
                 start += n
+            if start < T:  # padding tokens (their keys went to the scratch block): zeros, never read
+                outs.append(q.new_zeros((T - start,) + q.shape[1:]))
             return torch.cat(outs).reshape(T, -1)
         if self.use_triton:
             from rankwise.serve.kernels.triton_attention import paged_decode_attention

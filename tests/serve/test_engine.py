@@ -60,6 +60,15 @@ def test_triton_lora_kernels_in_the_engine(adapter_dir, peft_reference):
     assert [o.output_ids for o in outs] == [expected[i][:3] for i in picks]
 
 
+def test_padded_prefill_steps_give_the_same_tokens(adapter_dir, peft_reference):
+    # on CUDA prefill steps are padded to a multiple of 64 tokens (bounded GEMM shapes); padding must not leak
+    prompts, expected = peft_reference
+    engine = _engine(adapter_dir, prefill_token_multiple=16, lora_backend="triton")
+    engine._warm_prefill()  # what warmup() runs on CUDA: one prefill per padded size, LoRA kernels on empty tables
+    outs = engine.generate([Request(p, a, SamplingParams(max_tokens=8)) for p, a in zip(prompts[:5], MIX[:5])])
+    assert [o.output_ids for o in outs] == expected[:5]
+
+
 def test_preemption_and_tiny_adapter_pool_keep_outputs_exact(adapter_dir, peft_reference):
     # 17 KV blocks of 4 tokens for 6 rows of up to 22 tokens: rows are preempted and recomputed; 2 device slots
     # for 4 adapters: adapters are evicted and reloaded between requests.

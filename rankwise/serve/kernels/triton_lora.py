@@ -153,8 +153,9 @@ K_PER = 256  # K elements per shrink program
 
 
 def split_k(K: int, num_blocks: int) -> int:
-    """Programs sharing one block's reduction over K: enough for ~2048 programs per rank tile, at most K / K_PER."""
-    return max(1, min(triton.cdiv(K, K_PER), 2048 // max(num_blocks, 1)))
+    """Programs sharing one block's reduction over K: K / K_PER for decode-sized batches (<= 32 blocks, where few
+    blocks would leave the GPU idle), 1 otherwise. Two values per K only, so each site compiles two variants."""
+    return max(1, triton.cdiv(K, K_PER)) if num_blocks <= 32 else 1
 
 
 def lora_shrink(
