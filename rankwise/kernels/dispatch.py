@@ -7,7 +7,7 @@ None when the reference path must run. The fused path is taken for a CUDA input 
 - the base weight (and bias) is frozen, x has the weight's dtype (fp32, bf16, fp16), no autocast is active;
 - the active adapter is neither disabled, merged nor of rank (or truncation) 0;
 - for DoRA: no dropout in training (that needs a second base GEMM on dropout(x); the reference does it),
-  and a bf16 or fp32 weight.
+  a bf16 or fp32 weight, and eager mode (under torch.compile DoRA takes the reference path).
 Everything else (embeddings, fp16 DoRA, adapters on CPU) runs the reference code in LoraLayer.
 Nothing is cached between calls: parameters replaced by a resize are read afresh each time.
 """
@@ -86,7 +86,9 @@ def fused_forward(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Te
     A, B, s = adapter.effective_factors()  # (r', in), (out, r') with diag(e) folded in, scale
     fused = _module()
     if adapter.use_dora:
-        if p > 0 or x.dtype == torch.float16:
+        # Under torch.compile the fused DoRA backward gave gradients that differ from eager on an H100
+        # (tests/kernels/test_lora_fused.py, 2026-11-22; cause not found yet): DoRA compiles on the reference path.
+        if p > 0 or x.dtype == torch.float16 or torch.compiler.is_compiling():
             return None
         return fused.fused_dora_linear(x, weight, bias, A, B, s, adapter.magnitude, adapter.lora_bias)
     seed = torch.randint(0, 2**31 - 1, (1,), device=x.device) if p > 0 else None

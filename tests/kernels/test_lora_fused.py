@@ -367,7 +367,8 @@ def test_compiles_without_graph_breaks(kind, monkeypatch):
     g_c = [p.grad.clone() for p in layer.parameters() if p.requires_grad]
     layer.zero_grad(set_to_none=True)
     torch.manual_seed(0)
-    y_e = layer(x)
+    with use_fused(kind != "dora"):  # compiled DoRA runs the reference path (rankwise/kernels/dispatch.py)
+        y_e = layer(x)
     y_e.float().square().mean().backward()
     g_e = [p.grad for p in layer.parameters() if p.requires_grad]
     assert rel(y_c, y_e) < 1e-2 and all(rel(a, b) < 1e-2 for a, b in zip(g_c, g_e))
