@@ -85,7 +85,7 @@ def main() -> None:
                      "GB/s": gbps(nbytes, t) if nbytes else float("nan")})
 
     big = torch.empty(2**29, dtype=torch.bfloat16, device=dev)
-    t = ms(lambda: big.clone())
+    t = ms(big.clone)
     ceiling = gbps(2 * big.numel() * 2, t)
     add("copy 1 GiB", "-", "-", t, 2 * big.numel() * 2)
     del big
@@ -135,7 +135,6 @@ def main() -> None:
         for variant in ("fused", "fused dora"):
             over, base = layer_overhead(K, N, r, 64, variant)
             add(f"host cost (64 tokens): {variant}", label, f"base {base:.3f} ms", over)
-        del x, y, W
         torch.cuda.empty_cache()
     out = os.environ.get("OUT")
     if out:

@@ -199,7 +199,8 @@ def main() -> None:
     import peft
     import transformers
 
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__,
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "transformers": transformers.__version__,
                "peft": peft.__version__, "batch": f"{B} x {T} tokens, bf16", "steps": args.steps,
                "warmup": args.warmup, "cases": {}}
     for name in names:
@@ -210,10 +211,11 @@ def main() -> None:
         try:
             model, step, trainable = CASES[name][0]()
             median, mean, host = time_steps(step, args.warmup, args.steps)
-            row = {"ms": median, "mean_ms": mean, "host_ms": host, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            row = {"ms": median, "mean_ms": mean, "host_ms": host,
+                   "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
                    "trainable": trainable}
             del model, step
-        except Exception as exc:  # one failing case must not lose the others
+        except Exception as exc:  # noqa: BLE001 -- one failing case must not lose the others
             traceback.print_exc()
             row = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         row["wall_s"] = time.time() - t0
@@ -240,8 +242,8 @@ def print_table(results: dict) -> None:
         mem = (row["peak_gib"] / cases[peft_name]["peak_gib"]
                if peft_name in cases and "peak_gib" in cases[peft_name] else float("nan"))
         verdict = "" if target is None else f"<= {target:.2f} {'met' if ratio <= target else 'MISSED'}"
-        print(f"| {name} | {row['ms']:.1f} | {row['mean_ms']:.1f} | {row['host_ms']:.0f} | {ratio:.3f} | {verdict} | {row['peak_gib']:.1f} "
-              f"| {mem:.2f} | {row['trainable'] / 1e6:.1f}M |")
+        print(f"| {name} | {row['ms']:.1f} | {row['mean_ms']:.1f} | {row['host_ms']:.0f} | {ratio:.3f} | {verdict} "
+              f"| {row['peak_gib']:.1f} | {mem:.2f} | {row['trainable'] / 1e6:.1f}M |")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,14 @@ import triton
 import triton.language as tl
 
 from rankwise.kernels.common import (
-    TARGET_PROGRAMS, cdiv, check_2d, check_same_device, dot_precision, interpreting, mma, rank_block,
+    TARGET_PROGRAMS,
+    cdiv,
+    check_2d,
+    check_same_device,
+    dot_precision,
+    interpreting,
+    mma,
+    rank_block,
 )
 
 

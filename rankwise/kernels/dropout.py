@@ -27,7 +27,7 @@ from rankwise.kernels.common import cdiv, check_seed
 
 def threshold16(p: float) -> int:
     """Drop an element when its 16-bit value is below this."""
-    return int(round(p * 65536))
+    return round(p * 65536)
 
 
 @triton.jit

@@ -21,7 +21,15 @@ import triton
 import triton.language as tl
 
 from rankwise.kernels.common import (
-    TARGET_PROGRAMS, cdiv, check_2d, check_same_device, check_seed, dot_precision, interpreting, mma, rank_block,
+    TARGET_PROGRAMS,
+    cdiv,
+    check_2d,
+    check_same_device,
+    check_seed,
+    dot_precision,
+    interpreting,
+    mma,
+    rank_block,
 )
 from rankwise.kernels.dropout import keep_tile, mixed_seed, threshold16
 

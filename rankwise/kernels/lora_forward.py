@@ -16,7 +16,14 @@ import triton
 import triton.language as tl
 
 from rankwise.kernels.common import (
-    cdiv, check_2d, check_same_device, check_seed, dot_precision, interpreting, mma, rank_block,
+    cdiv,
+    check_2d,
+    check_same_device,
+    check_seed,
+    dot_precision,
+    interpreting,
+    mma,
+    rank_block,
 )
 from rankwise.kernels.dropout import keep_tile, mixed_seed, threshold16
 
@@ -151,7 +158,7 @@ def lora_forward_(
     x: (M, K) with y's dtype, a: (R, K), b: (N, R), lora_bias / f / post_bias: (N,), R <= 128."""
     check_2d("x", x)
     check_2d("y", y, rows=x.shape[0])
-    (M, K), N = x.shape, y.shape[1]
+    K, N = x.shape[1], y.shape[1]
     check_2d("a", a, cols=K)
     R = a.shape[0]
     check_2d("b", b, rows=N, cols=R)

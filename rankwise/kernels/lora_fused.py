@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from rankwise.kernels.common import check_seed, dot_precision
 from rankwise.kernels.dora_norm import launch_dora_row_norm
 from rankwise.kernels.expand import lora_expand_
-from rankwise.kernels.common import check_seed, dot_precision
 from rankwise.kernels.lora_backward import DH_ATOMIC_MAX_COLUMNS, launch_grad_dy, launch_grad_x
 from rankwise.kernels.lora_forward import MAX_RANK, launch_forward
 from rankwise.kernels.reduce import lora_reduce

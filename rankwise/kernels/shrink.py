@@ -14,7 +14,14 @@ import triton
 import triton.language as tl
 
 from rankwise.kernels.common import (
-    cdiv, check_2d, check_same_device, check_seed, dot_precision, interpreting, mma, rank_block,
+    cdiv,
+    check_2d,
+    check_same_device,
+    check_seed,
+    dot_precision,
+    interpreting,
+    mma,
+    rank_block,
 )
 from rankwise.kernels.dropout import keep_tile, mixed_seed, threshold16
 
