@@ -7,6 +7,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
+import torch  # noqa: E402
+
+# Without a GPU, Triton kernels run in its interpreter on CPU tensors. The variable must be set before any
+# module imports triton (test files are collected in an order we do not control), so it is set here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     import torch
