@@ -10,8 +10,15 @@ if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter (
 import pytest
 from tiny_models import tiny_llama
 
-# The CI machine has 2 shared cores: intra-op threads only contend on these tiny matrices.
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """On a CPU of 2 shared cores, intra-op threads only contend on these tiny matrices (10-100x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 # name -> peft.LoraConfig keyword arguments; ranks differ across and within adapters.
 ADAPTER_SPECS = {
