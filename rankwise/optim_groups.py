@@ -77,7 +77,8 @@ def loraplus_param_groups(
         "other": (lr, weight_decay),
         "other_no_decay": (lr, 0.0),
     }
-    groups = {name: {"name": name, "params": [], "lr": g_lr, "weight_decay": wd} for name, (g_lr, wd) in settings.items()}
+    groups = {name: {"name": name, "params": [], "lr": g_lr, "weight_decay": wd}
+              for name, (g_lr, wd) in settings.items()}
     groups["embedding"]["split"] = embedding_lr is not None  # read back by add_param
     embedding = _embedding_layers(model)
     for pname, p in model.named_parameters():

@@ -15,27 +15,29 @@ With `update="last"` (the authors' default) only component b (A row b-1, B colum
 components (scale alpha / r_i, exactly the truncation that was trained), so sum_i r_i * (in_i + out_i) <= budget:
 
 - `select="uniform"` (the paper's use): the largest r <= r_max with r * sum_i (in_i + out_i) <= budget.
-- `select="greedy_loss"` (our design): a lazy greedy descent on the held-out loss L(ranks) of the whole
-  model run with per-module truncations. Start with every module at r_max; repeatedly lower the module m whose
-  next lower candidate rank r' (from `candidate_ranks`, default 0..r_max) costs the least loss per freed
-  parameter, [L(ranks with r_m = r') - L(ranks)] / ((r_m - r') * (in_m + out_m)), until the budget holds.
-  "Lazy": a price computed before the last accepted move is recomputed only when it reaches the top of the
-  queue (Minoux's accelerated greedy), so a move costs ~2 forward passes instead of one per module. Every
-  loss is averaged over processes, so all processes take the same path. Needs `set_eval_batch(batch,
-  loss_fn)` before `attach`; `path` records each move and the loss after it.
+- `select="greedy_loss"` (our design): greedy descent on the held-out loss L(ranks) of the whole model run
+  with per-module truncations, in rounds. Start with every module at r_max. Each round prices every module m
+  that can go lower: the loss increase per freed parameter of lowering it alone to its next lower candidate
+  rank r' (from `candidate_ranks`, default 0..r_max), [L(ranks with r_m = r') - L(ranks)] / ((r_m - r') *
+  (in_m + out_m)); then it applies the cheapest moves, at most one per module, until they free half of the
+  parameters still over the budget (at least one move). Rounds repeat until the budget holds. Prices are
+  measured again every round, so interactions between modules are seen, and the work stays bounded: about
+  n_modules x log2(moves) forward passes on the held-out batch. Every loss is averaged over processes, so all
+  processes take the same path. Needs `set_eval_batch(batch, loss_fn)` before `attach`; `path` records each
+  move.
 
 Between steps the model runs the truncation drawn for the NEXT step; evaluate inside `truncated(model, b)`.
 """
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from rankwise.allocate.base import Allocator, AllocatorConfig, all_reduce_mean, default_loss, register_allocator
+from rankwise.allocate.base import Allocator, AllocatorConfig, default_loss, register_allocator
+from rankwise.init.calibration import all_reduce_mean
 from rankwise.layers.nested import keep_only_component_grad, set_truncation, truncated, truncation_scale
 
 SELECT = ("uniform", "greedy_loss")
@@ -147,47 +149,42 @@ class DyLoRA(Allocator):
         return float(all_reduce_mean(loss.cpu())[0])
 
     def greedy_ranks(self) -> dict[str, int]:
-        """Lazy greedy descent from r_max (see the module docstring); every process takes the same path."""
+        """Greedy descent from r_max in halving rounds (see the module docstring); every process takes the
+        same path because every loss is averaged over processes."""
         levels = self._candidates()
         ranks = {n: levels[-1] for n in self.modules}
         used = sum(ranks[n] * self.costs[n] for n in ranks)
-        current = self.held_out_loss(ranks)
-        version = 0  # bumped by every accepted move: cached costs older than that are stale
 
         def lower(name: str) -> int | None:
             below = [r for r in levels if r < ranks[name]]
             return below[-1] if below else None
 
-        def price(name: str) -> tuple[float, float]:
-            r_new = lower(name)
-            loss = self.held_out_loss({**ranks, name: r_new})
-            return (loss - current) / ((ranks[name] - r_new) * self.costs[name]), loss
-
-        order = list(self.modules)
-        heap = []
-        for i, name in enumerate(order):
-            if lower(name) is not None:
-                heapq.heappush(heap, (*price(name), i, version))
+        current = self.held_out_loss(ranks)
+        round_ = 0
         while used > self.budget_params:
-            if not heap:
+            movable = [n for n in self.modules if lower(n) is not None]
+            if not movable:
                 raise ValueError(
                     f"DyLoRA: even the lowest candidate ranks exceed the budget of {self.budget_params:,} "
                     "parameters; include 0 in candidate_ranks or raise the budget."
                 )
-            cost, loss, i, seen = heapq.heappop(heap)
-            name = order[i]
-            if seen != version:  # priced against an older configuration: price again, keep if still best
-                cost, loss = price(name)
-                if heap and (cost, loss, i) > heap[0][:3]:
-                    heapq.heappush(heap, (cost, loss, i, version))
-                    continue
-            r_new = lower(name)
-            used -= (ranks[name] - r_new) * self.costs[name]
-            self.path.append({"module": name, "old_rank": ranks[name], "new_rank": r_new, "loss": loss})
-            ranks[name], current = r_new, loss
-            version += 1
-            if lower(name) is not None:
-                heapq.heappush(heap, (*price(name), i, version))
+            priced = []  # (loss increase per freed parameter, module order, name, loss after the move)
+            for i, name in enumerate(movable):
+                loss = self.held_out_loss({**ranks, name: lower(name)})
+                priced.append(((loss - current) / ((ranks[name] - lower(name)) * self.costs[name]), i, name, loss))
+            target = (used - self.budget_params) / 2  # free at least half of the excess this round
+            freed = 0
+            for cost, _, name, loss in sorted(priced):
+                if freed > 0 and freed >= target:
+                    break
+                r_new = lower(name)
+                freed += (ranks[name] - r_new) * self.costs[name]
+                self.path.append({"round": round_, "module": name, "old_rank": ranks[name], "new_rank": r_new,
+                                  "loss_alone": loss})
+                ranks[name] = r_new
+            used -= freed
+            current = self.held_out_loss(ranks)
+            round_ += 1
         return ranks
 
     def cut(self, ranks: dict[str, int], step: int) -> None:

@@ -7,9 +7,10 @@ tokens, where the batch's attention_mask is 0, left out):
 
 1. Incremental PCA over batches: running sums give the mean mu_i and covariance
    C_i = sum_t (x_t - mu_i)(x_t - mu_i)^T / N_i   (in_i, in_i), exact over all rows seen so far (the sums are
-   averaged over processes every batch, so every process holds the same C_i). Eigen-decomposition
-   C_i = V diag(lambda) V^T, lambda descending; k_i = min(ceil(rho * r_ref), in_i) components are kept, with
-   explained-variance ratios lambda_j / trace(C_i). r_ref = budget / sum_i (in_i + out_i).
+   averaged over processes every batch, so every process holds the same C_i). Its top k_i = min(ceil(rho *
+   r_ref), in_i) eigenpairs (lambda_j, v_j), with explained-variance ratios lambda_j / trace(C_i);
+   r_ref = budget / sum_i (in_i + out_i). The eigenpairs are exact (eigh) for in_i <= 1024; wider layers use
+   a block power iteration warm-started from the previous batch (`RunningPCA.top_eigen`).
 2. Convergence: a layer stops collecting once |cos(v_j^t, v_j^(t-1))| >= tau between consecutive batches for
    each of its top components that the current allocation gives it (as the reference does, it collects again
    if a later allocation gives it more). Collection ends when every layer converged or after `max_batches`.
@@ -32,9 +33,9 @@ from typing import Any
 
 import torch
 
-from rankwise.allocate.base import Allocator, AllocatorConfig, all_reduce_mean, default_loss, register_allocator
+from rankwise.allocate.base import Allocator, AllocatorConfig, default_loss, register_allocator
 from rankwise.allocate.budget import select_components
-from rankwise.init.calibration import iterate, token_rows
+from rankwise.init.calibration import all_reduce_mean, iterate, token_rows
 from rankwise.layers.scaling import lora_scale
 
 
@@ -68,11 +69,13 @@ class RunningPCA:
         self.ratios: torch.Tensor | None = None  # (k,)
         self.similarity = torch.zeros(k)  # |cos| with the previous batch's components
         self.batches = 0
+        self.exact_max_dim = 1024  # full eigendecomposition up to this many inputs
+        self.basis: torch.Tensor | None = None  # (in, k + 8) warm start of the power iteration above it
 
     def update(self, rows: torch.Tensor) -> None:
         """rows: (tokens, in) of one batch on this process; statistics are averaged over processes."""
-        rows = rows.double()
-        local = torch.cat([rows.sum(0), (rows.t() @ rows).flatten(), torch.tensor([float(rows.shape[0])], dtype=torch.float64)])
+        rows = rows.double()  # on the model's device; the running sums live on the CPU
+        local = torch.cat([rows.sum(0), (rows.t() @ rows).flatten(), rows.new_tensor([float(rows.shape[0])])]).cpu()
         merged = all_reduce_mean(local)
         dim = self.sum.shape[0]
         self.sum += merged[:dim]
@@ -82,13 +85,32 @@ class RunningPCA:
         previous = self.components
         mean = self.sum / self.n
         cov = self.outer / self.n - torch.outer(mean, mean)  # (in, in)
-        vals, vecs = torch.linalg.eigh(cov)  # ascending
-        vals, vecs = vals.flip(0).clamp_min(0), vecs.flip(1)
-        total = vals.sum().clamp_min(1e-30)
-        self.components = vecs[:, : self.k].t().float().contiguous()  # (k, in)
-        self.ratios = (vals[: self.k] / total).float()
+        vals, vecs = self.top_eigen(cov)  # (k,), (in, k), descending
+        total = cov.diagonal().sum().clamp_min(1e-30)  # the sum of all eigenvalues
+        self.components = vecs.t().float().contiguous()  # (k, in)
+        self.ratios = (vals.clamp_min(0) / total).float()
         if previous is not None:
             self.similarity = (self.components * previous).sum(1).abs()
+
+    def top_eigen(self, cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k eigenpairs of cov (in, in): exact up to `exact_max_dim` inputs; above, block power iteration
+        on k + 8 vectors warm-started from the previous batch's basis, then Rayleigh-Ritz (the incremental
+        SVD: the covariance moves little between batches, so a few iterations per batch track it)."""
+        dim = cov.shape[0]
+        if dim <= self.exact_max_dim:
+            vals, vecs = torch.linalg.eigh(cov)  # ascending
+            return vals.flip(0)[: self.k], vecs.flip(1)[:, : self.k]
+        width = min(dim, self.k + 8)
+        if self.basis is None:  # a fixed start, so every process of a run computes the same vectors
+            start = torch.randn(dim, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            self.basis, iterations = torch.linalg.qr(start)[0], 30
+        else:
+            iterations = 8
+        for _ in range(iterations):
+            self.basis = torch.linalg.qr(cov @ self.basis)[0]  # (in, width)
+        vals, small = torch.linalg.eigh(self.basis.t() @ cov @ self.basis)  # (width,), (width, width)
+        self.basis = self.basis @ small.flip(1)
+        return vals.flip(0)[: self.k], self.basis[:, : self.k]
 
     def converged(self, needed: int, tau: float) -> bool:
         return self.batches >= 2 and bool((self.similarity[:needed] >= tau).all())
@@ -125,7 +147,8 @@ class EVA(Allocator):
         for name in self.modules:
             if name not in inputs:
                 continue
-            rep = next((r for r in self.pca if inputs[r].shape == inputs[name].shape and torch.equal(inputs[r], inputs[name])), None)
+            x = inputs[name]
+            rep = next((r for r in self.pca if inputs[r].shape == x.shape and torch.equal(inputs[r], x)), None)
             self.group_of[name] = rep or name
             if rep is None:
                 self.pca[name] = RunningPCA(self.modules[name].in_features, 0)
@@ -178,11 +201,14 @@ class EVA(Allocator):
                     active = set(self.pca)
                 for rep, pca in self.pca.items():
                     if rep in active:
+                        if rep not in captured:
+                            raise ValueError(f"EVA: module {rep!r} took no part in a calibration batch; exclude it "
+                                             "from target_modules or give batches that use it.")
                         pca.update(captured[rep])
                 self.batches_used += 1
                 ranks = self.allocation()
-                active = {rep for rep, pca in self.pca.items()
-                          if not pca.converged(max(ranks[n] for n in self.modules if self.group_of.get(n) == rep), self.config.tau)}
+                needed = {rep: max(ranks[n] for n, g in self.group_of.items() if g == rep) for rep in self.pca}
+                active = {rep for rep, pca in self.pca.items() if not pca.converged(needed[rep], self.config.tau)}
                 if not active:
                     break
         finally:

@@ -103,7 +103,7 @@ class GoRA(Allocator):
         for name, r in ranks.items():
             adapter = self.modules[name]
             A = random_rows(r, adapter.in_features, self.generator)  # (r, in)
-            B = projected_step_B(grads[name], A, self.config.gamma, adapter.alpha) if r else torch.zeros(adapter.out_features, 0)
+            B = projected_step_B(grads[name], A, self.config.gamma, adapter.alpha)  # (out, r)
             dtype, device = adapter.lora_A.dtype, adapter.lora_A.device
             self.resize_module(name, [], r, step=0, score=self.importance[name],
                                new_A=A.to(dtype=dtype, device=device), new_B=B.to(dtype=dtype, device=device))

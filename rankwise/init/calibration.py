@@ -24,9 +24,14 @@ Batches = Iterable[Any] | Callable[[], Iterable[Any]]
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """`rankwise.allocate.base.all_reduce_mean` for statistics kept on the CPU: under NCCL (which reduces GPU
+    tensors only) the tensor takes a round trip through the current GPU."""
     # Imported here: rankwise.allocate imports the model helpers, which import rankwise.init.
     from rankwise.allocate.base import all_reduce_mean as reduce
 
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl" and not t.is_cuda:
+        return reduce(t.cuda()).to(t.device)
     return reduce(t)
 
 
@@ -130,8 +135,8 @@ def input_covariances(
 
     def hook_for(name: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            rows = token_rows(args[0], current["batch"]).double().cpu()  # (tokens, in)
-            sums[name] += rows.t() @ rows
+            rows = token_rows(args[0], current["batch"]).double()  # (tokens, in), on the model's device
+            sums[name] += (rows.t() @ rows).cpu()
             counts[name] += rows.shape[0]
 
         return hook
@@ -146,7 +151,8 @@ def input_covariances(
             h.remove()
     out = {}
     for name, _ in targets:
-        stats = all_reduce_mean(torch.cat([sums[name].flatten(), torch.tensor([float(counts[name])], dtype=torch.float64)]))
+        count = torch.tensor([float(counts[name])], dtype=torch.float64)
+        stats = all_reduce_mean(torch.cat([sums[name].flatten(), count]))
         n = stats[-1].item()
         if n == 0:
             raise ValueError(f"Module {name!r} saw no input rows in the calibration batches; is it used by the model?")

@@ -69,7 +69,7 @@ def corda_init(
     if r > min(in_f, adapter.out_features):
         raise ValueError(f"CorDA: rank {r} exceeds min(out, in) = {min(in_f, adapter.out_features)}; lower r.")
     damped, inv = damped_inverse(covariance, damp)
-    w = layer.weight_out_in().double()  # (out, in)
+    w = layer.weight_out_in().detach().double().cpu()  # (out, in); the statistics live on the CPU
     u, s, vh = torch.linalg.svd(w @ damped, full_matrices=False)  # (out, k), (k,), (k, in)
     pick = slice(0, r) if mode == "ipm" else slice(s.shape[0] - r, s.shape[0])
     root = (s[pick] / adapter.scale).sqrt()  # (r,)

@@ -32,7 +32,8 @@ def make_branches(seed: int = 0, r: int = 8, n_batches: int = 8, batch: int = 64
     teacher.load_state_dict(student.state_dict())
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
-        for name, rank, size in (("blocks.0", 6, 0.5), ("blocks.1", 2, 0.1), ("blocks.2", 6, 0.5), ("blocks.3", 2, 0.1)):
+        perturbations = (("blocks.0", 6, 0.5), ("blocks.1", 2, 0.1), ("blocks.2", 6, 0.5), ("blocks.3", 2, 0.1))
+        for name, rank, size in perturbations:
             u, v = torch.randn(WIDTH, rank, generator=g), torch.randn(rank, WIDTH, generator=g)
             teacher.get_submodule(name).weight.add_(size * u @ v / WIDTH**0.5)
     batches = []

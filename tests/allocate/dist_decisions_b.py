@@ -20,7 +20,8 @@ from allocate.synthetic import make_task
 def _tensors(model) -> dict[str, torch.Tensor]:
     import rankwise
 
-    return {f"{n}.{k}": getattr(a, k).detach().clone() for n, _, a in rankwise.adapter_modules(model) for k in ("lora_A", "lora_B")}
+    return {f"{n}.{k}": getattr(a, k).detach().clone()
+            for n, _, a in rankwise.adapter_modules(model) for k in ("lora_A", "lora_B")}
 
 
 def decisions(rank: int, world: int) -> dict:
@@ -65,7 +66,8 @@ def decisions(rank: int, world: int) -> dict:
 
     model, batches, _ = make_task(seed=0, r=4, n_batches=8, batch=32)
     corda.apply(model, batches[rank::world], forward_fn=lambda m, b: m(b["x"]))
-    out["corda"] = {"tensors": _tensors(model), "weights": {n: l.weight_out_in().detach().clone() for n, l in rankwise.lora_layers(model)}}
+    weights = {n: layer.weight_out_in().detach().clone() for n, layer in rankwise.lora_layers(model)}
+    out["corda"] = {"tensors": _tensors(model), "weights": weights}
     return out
 
 

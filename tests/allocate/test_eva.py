@@ -10,6 +10,7 @@ import rankwise
 from allocate.dist_decisions_b import assert_same_tensors, distributed_results
 from allocate.synthetic import make_task
 from rankwise.allocate import Budget, make_allocator, select_components
+from rankwise.allocate.eva import RunningPCA
 from rankwise.train.loop import fit
 from tiny_models import tiny_bert
 
@@ -104,6 +105,21 @@ def test_padding_is_skipped_and_qkv_share_a_decomposition():
         assert pca.n == 3 * (48 - 5 - 8), "one row per unmasked token"
     for n in decided[0]:
         assert torch.allclose(decided[0][n], decided[1][n], atol=1e-5), n
+
+
+def test_power_iteration_for_wide_layers_matches_the_exact_decomposition():
+    g = torch.Generator().manual_seed(0)
+    scales = torch.logspace(0, -2, 80, dtype=torch.float64)  # decaying spectrum, as activations have
+    basis = torch.linalg.qr(torch.randn(80, 80, generator=g, dtype=torch.float64))[0]
+    exact, tracked = RunningPCA(80, 6), RunningPCA(80, 6)
+    tracked.exact_max_dim = 16  # force the warm-started block power iteration
+    for _ in range(5):
+        rows = (torch.randn(200, 80, generator=g, dtype=torch.float64) * scales) @ basis.t()
+        exact.update(rows)
+        tracked.update(rows)
+    assert torch.allclose(tracked.ratios, exact.ratios, rtol=1e-4)
+    cos = (tracked.components * exact.components).sum(1).abs()
+    assert (cos > 0.999).all(), cos
 
 
 def test_converges_early_on_iid_data_and_rejects_embeddings():

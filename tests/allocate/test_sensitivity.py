@@ -51,7 +51,7 @@ def test_scores_follow_the_documented_formula_and_ranks_the_budget():
         assert math.isclose(alloc.scores[n]["weight"], alloc.scores[n]["global"] * alloc.scores[n]["local"] ** 0.5,
                             rel_tol=1e-9)
     weights = {n: s["weight"] for n, s in alloc.scores.items()}
-    assert alloc.ranks == proportional_ranks(weights, alloc.costs, alloc.budget_params)
+    assert alloc.ranks == proportional_ranks(weights, alloc.costs, alloc.budget_params, 0, 16)  # cap 4 x r_ref
     assert rankwise.adapter_param_count(model) <= alloc.budget_params == 4 * 4 * 64
     assert len(set(alloc.ranks.values())) > 1 and important_share(alloc.ranks) > 0.75, alloc.ranks
 
@@ -110,3 +110,13 @@ def test_two_processes_make_identical_decisions():
     first, second = distributed_results()
     assert first["sensitivity"]["ranks"] == second["sensitivity"]["ranks"]
     assert_same_tensors(first["sensitivity"]["tensors"], second["sensitivity"]["tensors"])
+
+
+def test_rank_cap_spreads_a_concentrated_budget():
+    model, batches, lf = make_branches(seed=0)
+    alloc = make_allocator("sensitivity", model, Budget(avg_rank=4), {"n_batches": 4, "max_rank_factor": 1.5})
+    alloc.prepare(batches, lf)
+    assert alloc.ranks["blocks.0"] == alloc.ranks["blocks.2"] == 6, alloc.ranks  # floor(1.5 x 4)
+    assert rankwise.adapter_param_count(model) <= alloc.budget_params
+    with pytest.raises(ValueError, match="max_rank_factor"):
+        make_allocator("sensitivity", model, Budget(avg_rank=4), {"max_rank_factor": 0.5})

@@ -9,7 +9,7 @@ import torch
 
 import rankwise
 from allocate.dist_decisions_b import assert_same_tensors, distributed_results
-from allocate.synthetic import make_task
+from allocate.synthetic import ResMLP, make_task
 from rankwise.init import corda
 from rankwise.init.calibration import input_covariances
 from rankwise.train.loop import fit
@@ -79,7 +79,7 @@ def test_export_is_rank_2r_on_the_original_weights_after_training(tmp_path):
 
 def test_injection_without_data_and_bad_mode_explain_the_fix():
     with pytest.raises(ValueError, match=r"rankwise\.init\.corda\.apply"):
-        rankwise.inject(make_task()[0].__class__(), rankwise.LoraConfig(r=4, init="corda", target_modules=["blocks.0"]))
+        rankwise.inject(ResMLP(), rankwise.LoraConfig(r=4, init="corda", target_modules=["blocks.0"]))
     model, batches, _ = make_task()
     with pytest.raises(ValueError, match="ipm"):
         corda.apply(model, batches, mode="top", forward_fn=_forward)

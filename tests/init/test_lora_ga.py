@@ -9,7 +9,7 @@ import torch
 
 import rankwise
 from allocate.dist_decisions_b import assert_same_tensors, distributed_results
-from allocate.synthetic import make_task
+from allocate.synthetic import ResMLP, make_task
 from rankwise.init import lora_ga
 from rankwise.train.loop import fit
 from tiny_models import ids, logits, tiny_gpt2
@@ -74,7 +74,7 @@ def test_export_is_rank_2r_on_the_original_weights_after_training(tmp_path):
 
 def test_injection_without_data_explains_what_to_call():
     with pytest.raises(ValueError, match=r"rankwise\.init\.lora_ga\.apply"):
-        rankwise.inject(make_task()[0].__class__(), rankwise.LoraConfig(r=4, init="lora_ga", target_modules=["blocks.0"]))
+        rankwise.inject(ResMLP(), rankwise.LoraConfig(r=4, init="lora_ga", target_modules=["blocks.0"]))
     model, batches, lf = make_task(r=20)
     with pytest.raises(ValueError, match="2r = 40"):
         lora_ga.apply(model, batches, lf)
