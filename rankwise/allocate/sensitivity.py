@@ -12,14 +12,15 @@ the empirical Fisher diagonal standing in for the Hessian diagonal:
     erank(M) = exp(-sum_k p_k log p_k),  p_k = sigma_k(M) / sum_l sigma_l(M)   (Roy & Vetterli, 2007)
     w_i = global_i * local_i ** beta                        (beta = `local_exponent`, default 0.5)
     r_i = budget.proportional_ranks(w, in + out, budget): r_i ~ budget * w_i / (in_i + out_i), at most
-          floor(max_rank_factor * r_ref) (r_ref = budget / sum_i (in_i + out_i), the budget's average rank)
+          floor(max_rank_factor * r_ref) (r_ref = budget / sum_i (in_i + out_i), the budget's average rank);
+          the parameters a capped module cannot take are shared among the others in proportion (water-filling)
 
 sqrt(F_i) is the root-mean-square gradient arranged as the matrix; its effective rank counts how many
 directions the sensitivity spreads over. Sensitivity concentrated in a few directions is served by a few
 ranks, so the local term lowers such a module's share; beta = 0 gives a pure Fisher-mass allocation. The cap
 (our choice, like GoRA's 4 r_ref) keeps one module from taking most of the budget: the Fisher mass of the
-layers next to a freshly initialised head can be orders of magnitude above the rest (on MiniLM / SST-2 the
-pooler took rank 147 of an average 4 without it). F is
+layers next to a freshly initialised head can be orders of magnitude above the rest (on MiniLM / SST-2 one
+module took rank 147 of an average 4 without it, most others 0). F is
 averaged over processes before deciding. Each module's adapter is then resized: the first min(r_i, r0)
 injected components are kept and new ones start with B = 0, so the function does not change.
 """
@@ -83,6 +84,27 @@ def sensitivity_scores(fisher: dict[str, torch.Tensor], beta: float) -> dict[str
     return out
 
 
+def capped_proportional_ranks(
+    weights: dict[str, float], costs: dict[str, int], budget_params: int, min_rank: int, max_rank: int | None
+) -> dict[str, int]:
+    """`proportional_ranks` with water-filling: a module whose share would exceed `max_rank` is fixed at it and
+    the parameters it cannot use are shared, in proportion again, among the others (without this, a capped
+    module's surplus would go unused)."""
+    fixed: dict[str, int] = {}
+    while max_rank is not None:
+        free = {n: w for n, w in weights.items() if n not in fixed}
+        left = budget_params - sum(r * costs[n] for n, r in fixed.items())
+        total = sum(max(w, 0.0) for w in free.values())
+        over = [n for n, w in free.items() if total > 0 and left * max(w, 0.0) / total / costs[n] > max_rank]
+        if not over:
+            break
+        fixed.update({n: max_rank for n in over})
+    free = {n: w for n, w in weights.items() if n not in fixed}
+    left = budget_params - sum(r * costs[n] for n, r in fixed.items())
+    ranks = proportional_ranks(free, {n: costs[n] for n in free}, left, min_rank, max_rank) if free else {}
+    return {n: fixed.get(n, ranks.get(n)) for n in weights}
+
+
 @register_allocator
 class SensitivityLoRA(Allocator):
     name = "sensitivity"
@@ -110,7 +132,7 @@ class SensitivityLoRA(Allocator):
                                      n_batches=self.config.n_batches, squares=True)
         self.scores = sensitivity_scores(fisher, self.config.local_exponent)
         weights = {n: s["weight"] for n, s in self.scores.items()}
-        ranks = proportional_ranks(weights, self.costs, self.budget_params, self.budget.min_rank, self.max_rank())
+        ranks = capped_proportional_ranks(weights, self.costs, self.budget_params, self.budget.min_rank, self.max_rank())
         for name, r in ranks.items():
             adapter = self.modules[name]
             keep = list(range(min(r, adapter.r)))
