@@ -36,7 +36,12 @@ def _losses(model, batch, lf, r_max=8):
 
 @pytest.fixture(scope="module")
 def trained():
-    return _train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 600 steps of 32-wide matrices: threads only add contention on a busy machine
+    try:
+        return _train()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_every_truncation_works_after_training(trained):
