@@ -132,7 +132,8 @@ class SensitivityLoRA(Allocator):
                                      n_batches=self.config.n_batches, squares=True)
         self.scores = sensitivity_scores(fisher, self.config.local_exponent)
         weights = {n: s["weight"] for n, s in self.scores.items()}
-        ranks = capped_proportional_ranks(weights, self.costs, self.budget_params, self.budget.min_rank, self.max_rank())
+        ranks = capped_proportional_ranks(weights, self.costs, self.budget_params, self.budget.min_rank,
+                                          self.max_rank())
         for name, r in ranks.items():
             adapter = self.modules[name]
             keep = list(range(min(r, adapter.r)))
