@@ -8,7 +8,10 @@ distributed run draws the same b) and the model computes
     dW_b = (alpha / b) * B[:, :b] @ A[:b, :]
 
 With `update="last"` (the authors' default) only component b (A row b-1, B column b-1) receives gradient;
-`update="all"` trains all components <= b. Afterwards every truncation is a usable adapter (nested ranks):
+`update="all"` trains all components <= b. ("last" zeroes the other gradients, as the authors' detach does;
+with Adam their stale momentum still moves them a little. In 30-step MiniLM / SST-2 runs "last" learned
+visibly slower than "all": dev accuracy 0.688 vs 0.754, fixed rank 4: 0.773.) Afterwards every truncation
+is a usable adapter (nested ranks):
 `rankwise.layers.nested.truncated(model, b)` runs one.
 
 `finalize` chooses the exported ranks without retraining and physically cuts each adapter to its first r_i
