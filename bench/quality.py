@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/quality.py` from a fresh clone, without installing
     sys.path.insert(0, str(ROOT))
 
-from bench.quality_report import print_report  # noqa: E402
-from bench.quality_tasks import ALL_TASKS, check_data_dir  # noqa: E402
+from bench.quality_report import print_report
+from bench.quality_tasks import ALL_TASKS, check_data_dir
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets"
 # --quick: SST-2, 100 steps of 16 x <= 64 tokens, 300 dev rows. At lr 1e-3 fixed-rank LoRA needs ~100 steps to
@@ -132,7 +132,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     try:
         task, base, pad = _task(job["task"])
         return run_row(job, base, task, pad)
-    except Exception as err:  # a failing method must not take the benchmark down: record it
+    except Exception as err:  # noqa: BLE001 -- a failing method must not take the benchmark down: record it
         return {**job, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=6)}
 
 

