@@ -234,10 +234,9 @@ class Run:
         self.allocator = make_allocator(cfg.method, self.model, self.budget, dict(cfg.allocator_options),
                                         total_steps=self.total_steps, seed=cfg.seed)
         self.allocator.prepare(self.calibration_batches, self.loss_fn)
-        # Methods that score on held-out data (ALoRA) get an eval batch, or a calibration batch without one.
-        held_out = (self.task.collate(self.eval_examples[: cfg.batch_size]) if self.eval_examples
-                    else next(self.calibration_batches()))
-        self.allocator.set_eval_batch(held_out, self.loss_fn)
+        # Methods that score on a held-out batch (ALoRA, DyLoRA's greedy choice) get a batch of training rows:
+        # never the evaluation set, whose metrics would otherwise be chosen on.
+        self.allocator.set_eval_batch(next(self.calibration_batches()), self.loss_fn)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.lr, cfg.lr_ratio, cfg.weight_decay),
                                            lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = int(cfg.warmup_ratio * self.total_steps)
