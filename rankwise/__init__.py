@@ -10,6 +10,7 @@ from rankwise.config import LoraConfig
 from rankwise.inject import format_summary, inject, trainable_summary
 from rankwise.io.peft import load_adapter, save_adapter
 from rankwise.layers import LoraAdapter, LoraLayer
+
 # Before rankwise.model: importing the package rankwise/merge/ binds the name `rankwise.merge` to it, and
 # the function `merge` imported below must win (later imports of the loaded package do not rebind it).
 from rankwise.merge import combine_adapter_dirs, combine_adapters, compress_adapter, compress_adapter_dir

@@ -95,7 +95,7 @@ class LoraConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
+    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
         allowed = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - allowed)
         if unknown:

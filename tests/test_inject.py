@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from tiny_models import ARCHS, ids, logits, mlp
 
 import rankwise
 from rankwise.inject import select_targets
-from tiny_models import ARCHS, ids, logits, mlp
 
 
 def test_all_linear_skips_heads():

@@ -3,11 +3,11 @@ keeps the new B in B's group with its optimizer state."""
 
 import pytest
 import torch
+from tiny_models import ids, tiny_bert, tiny_llama
 
 import rankwise
 from rankwise.optim import remap_optimizer
 from rankwise.optim_groups import GROUPS, add_param, loraplus_param_groups, param_group
-from tiny_models import ids, tiny_bert, tiny_llama
 
 
 def _bert():

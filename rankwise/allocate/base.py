@@ -69,7 +69,7 @@ class AllocatorConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "AllocatorConfig":
+    def from_dict(cls, data: dict[str, Any] | None) -> AllocatorConfig:
         data = dict(data or {})
         allowed = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - allowed)

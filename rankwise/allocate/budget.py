@@ -59,7 +59,7 @@ class Budget:
         return {"params": self.params, "avg_rank": self.avg_rank, "min_rank": self.min_rank, "max_rank": self.max_rank}
 
     @classmethod
-    def parse(cls, text: str | int | float, **kw) -> "Budget":
+    def parse(cls, text: str | int | float, **kw) -> Budget:
         """'1.2M' / '300k' / 120000 -> params; 'r8' / 'avg8' / 8.0 with avg -> avg_rank."""
         if isinstance(text, (int, float)) and not isinstance(text, bool):
             return cls(params=int(text), **kw)

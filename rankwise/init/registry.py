@@ -9,7 +9,8 @@ EVA, GoRA) register here too and receive the statistics they need through `kwarg
 from __future__ import annotations
 
 import functools
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from torch import nn
 

@@ -8,8 +8,8 @@ A registry keyed by module class; `kind_of(module)` names the supported types in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

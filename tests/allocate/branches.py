@@ -10,10 +10,10 @@ strongly (rank 6) and branches 1 and 3 weakly (rank 2), so each branch's gradien
 from __future__ import annotations
 
 import torch
+from allocate.synthetic import WIDTH, loss_fn  # noqa: F401  (same loss as the residual task)
 from torch import nn
 
 import rankwise
-from allocate.synthetic import WIDTH, loss_fn  # noqa: F401  (same loss as the residual task)
 
 
 class Branches(nn.Module):

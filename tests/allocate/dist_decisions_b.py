@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 
 import torch
-
 from allocate.branches import make_branches
 from allocate.dist_utils import run_distributed
 from allocate.synthetic import make_task

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 
 import rankwise
 from rankwise.allocate import Budget, cubic_schedule, make_allocator, proportional_ranks, select_components
 from rankwise.allocate.budget import params_of
-from tiny_models import tiny_llama
 
 
 def test_parse_and_validate():

@@ -3,10 +3,10 @@ cut keeps the function, the export loads in PEFT, and two processes decide alike
 
 import pytest
 import torch
-
-import rankwise
 from allocate.dist_decisions_b import distributed_results
 from allocate.synthetic import ResMLP, important_share, make_task
+
+import rankwise
 from rankwise.allocate import Budget, make_allocator
 from rankwise.layers.nested import keep_only_component_grad, set_truncation, truncated
 from rankwise.train.loop import train_step

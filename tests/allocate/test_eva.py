@@ -5,14 +5,14 @@ import math
 
 import pytest
 import torch
-
-import rankwise
 from allocate.dist_decisions_b import assert_same_tensors, distributed_results
 from allocate.synthetic import make_task
+from tiny_models import tiny_bert
+
+import rankwise
 from rankwise.allocate import Budget, make_allocator, select_components
 from rankwise.allocate.eva import RunningPCA
 from rankwise.train.loop import fit
-from tiny_models import tiny_bert
 
 peft = pytest.importorskip("peft")
 

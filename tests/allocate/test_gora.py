@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-
-import rankwise
 from allocate.branches import Branches, make_branches
 from allocate.dist_decisions_b import assert_same_tensors, distributed_results
 from allocate.synthetic import important_share, make_task
+
+import rankwise
 from rankwise.allocate import Budget, make_allocator
 from rankwise.allocate.gora import projected_step_B
 from rankwise.init.calibration import weight_gradients

@@ -5,15 +5,15 @@ import math
 
 import pytest
 import torch
-
-import rankwise
 from allocate.branches import Branches, make_branches
 from allocate.dist_decisions_b import assert_same_tensors, distributed_results
 from allocate.synthetic import important_share
+from tiny_models import randomize_adapters
+
+import rankwise
 from rankwise.allocate import Budget, make_allocator, proportional_ranks
 from rankwise.allocate.sensitivity import effective_rank, sensitivity_scores
 from rankwise.train.loop import fit
-from tiny_models import randomize_adapters
 
 peft = pytest.importorskip("peft")
 

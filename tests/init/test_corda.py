@@ -6,14 +6,14 @@ import json
 
 import pytest
 import torch
-
-import rankwise
 from allocate.dist_decisions_b import assert_same_tensors, distributed_results
 from allocate.synthetic import ResMLP, make_task
+from tiny_models import ids, logits, tiny_bert, tiny_llama
+
+import rankwise
 from rankwise.init import corda
 from rankwise.init.calibration import input_covariances
 from rankwise.train.loop import fit
-from tiny_models import ids, logits, tiny_bert, tiny_llama
 
 peft = pytest.importorskip("peft")
 

@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
-
-import rankwise
 from allocate.dist_decisions_b import assert_same_tensors, distributed_results
 from allocate.synthetic import ResMLP, make_task
+from tiny_models import ids, logits, tiny_gpt2
+
+import rankwise
 from rankwise.init import lora_ga
 from rankwise.train.loop import fit
-from tiny_models import ids, logits, tiny_gpt2
 
 peft = pytest.importorskip("peft")
 

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from tiny_models import ARCHS, ids, logits, randomize_adapters
 
 import rankwise
 from rankwise.init import available_initializers
-from tiny_models import ARCHS, ids, logits, randomize_adapters
 
 peft = pytest.importorskip("peft")
 

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import safetensors.torch
+from tiny_models import ARCHS, ids, logits, randomize_adapters
 
 import rankwise
 from rankwise.io.atomic import atomic_directory, atomic_write_text
-from tiny_models import ARCHS, ids, logits, randomize_adapters
 
 
 def _model(seed):

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import ARCHS, ids, logits, randomize_adapters
 
 import rankwise
-from tiny_models import ARCHS, ids, logits, randomize_adapters
 
 peft = pytest.importorskip("peft")
 

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from tiny_models import mlp
 from torch import nn
 
 import rankwise
 from rankwise.layers.adapter import LoraAdapter
 from rankwise.optim import remap_optimizer
-from tiny_models import mlp
 
 
 def _layer(r=4, **kw):

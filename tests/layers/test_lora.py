@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from tiny_models import ARCHS, ids, logits, randomize_adapters
 from torch import nn
 
 import rankwise
-from tiny_models import ARCHS, ids, logits, randomize_adapters
 
 peft = pytest.importorskip("peft")
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import ids, logits, randomize_adapters, tiny_llama
 
 import rankwise
 from rankwise.merge import combine_adapter_dirs, combine_adapters, ties_merge
 from rankwise.model import adapter_modules
-from tiny_models import ids, logits, randomize_adapters, tiny_llama
 
 peft = pytest.importorskip("peft")
 

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import ids, logits, mlp, randomize_adapters, tiny_llama
 
 import rankwise
 from rankwise.layers.scaling import lora_scale
 from rankwise.merge import compress_adapter, compress_adapter_dir, energy_rank, lowrank_svd
 from rankwise.model import adapter_modules
-from tiny_models import ids, logits, mlp, randomize_adapters, tiny_llama
 
 peft = pytest.importorskip("peft")
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from tiny_models import ids, logits, mlp, randomize_adapters, tiny_gpt2, tiny_llama
 
 import rankwise
 from rankwise.inject import CONFIG_ATTR
-from tiny_models import ids, logits, mlp, randomize_adapters, tiny_gpt2, tiny_llama
 
 CASES = {
     "linear": (mlp, dict(target_modules=["0", "2", "4"], rank_pattern={"2": 6})),
