@@ -247,3 +247,15 @@ def minilm_run(name: str, config: dict, *, r: int, avg_rank: float = 4, steps: i
           f"(steps {steps - 4}-{steps}); {seconds:.1f} s for {steps} steps; {len(alloc.history)} rank changes")
     return {"start_ranks": start_ranks, "ranks": dict(alloc.ranks), "params": params, "final_params": alloc.current_params(),
             "budget_params": alloc.budget_params, "losses": losses, "seconds": seconds, "history": alloc.history}
+
+
+def trained_run(name: str) -> tuple[Run, list[dict]]:
+    """The shared fixture body: build `name`'s synthetic setup, record its resizes, train, finalize."""
+    budget, steps, config = SETUPS[name]
+    with one_thread():
+        run = build(name, budget, steps, config)
+        resizes = spy_optimizer_remap(run)
+        run.train(1, steps)
+        run.alloc.finalize()
+        return run, resizes
+

@@ -10,7 +10,7 @@ from allocate.checks import (
     minilm_run,
     one_thread,
     resume_matches,
-    spy_optimizer_remap,
+    trained_run,
 )
 from allocate.synthetic import important_share
 
@@ -28,12 +28,7 @@ def _single_thread():
 
 @pytest.fixture(scope="module")
 def trained():
-    with one_thread():
-        run = build("adalora", BUDGET, STEPS, CONFIG)
-        resizes = spy_optimizer_remap(run)
-        run.train(1, STEPS)
-        run.alloc.finalize()
-        return run, resizes
+    return trained_run("adalora")
 
 
 def test_budget_follows_the_cubic_schedule_and_ends_within_budget(trained):

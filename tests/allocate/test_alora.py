@@ -11,7 +11,7 @@ from allocate.checks import (
     minilm_run,
     one_thread,
     resume_matches,
-    spy_optimizer_remap,
+    trained_run,
 )
 from allocate.synthetic import important_share
 
@@ -27,12 +27,7 @@ def _single_thread():
 
 @pytest.fixture(scope="module")
 def trained():
-    with one_thread():
-        run = build("alora", BUDGET, STEPS, CONFIG)
-        resizes = spy_optimizer_remap(run)
-        run.train(1, STEPS)
-        run.alloc.finalize()
-        return run, resizes
+    return trained_run("alora")
 
 
 def test_starts_at_the_average_rank_and_holds_the_budget_at_every_step(trained):

@@ -11,7 +11,7 @@ from allocate.checks import (
     minilm_run,
     one_thread,
     resume_matches,
-    spy_optimizer_remap,
+    trained_run,
 )
 from allocate.synthetic import important_share
 
@@ -27,12 +27,7 @@ def _single_thread():
 
 @pytest.fixture(scope="module")
 def trained():
-    with one_thread():
-        run = build("increlora", BUDGET, STEPS, CONFIG)
-        resizes = spy_optimizer_remap(run)
-        run.train(1, STEPS)
-        run.alloc.finalize()
-        return run, resizes
+    return trained_run("increlora")
 
 
 def test_grows_from_rank_one_to_the_budget_never_over_it(trained):
