@@ -19,8 +19,11 @@ processes) each get `k` new triplets (fewer where the budget or `Budget.max_rank
 no module's next rank fits the budget in parameters, which is never exceeded. With interval=None the interval
 is chosen so that the budget fills by `fill_by` * total_steps.
 
-New triplets: P, Q ~ N(0, init_std^2) from the allocator's generator and lambda = `new_lambda` (1e-5), so the
-function barely moves. The reference pre-trains "reserve" triplets; we add fresh ones and give them a
+Start (`init`, as AdaLoRA's): "lora" (default) gives every triplet, the first ones and the ones added later,
+LoRA's start: Q a Kaiming-uniform row (LoRA's A), P = 0 and lambda = 1, so dW does not move when a triplet is
+born and P takes the gradient s G Q^T at once. "gaussian" is the paper's: P, Q ~ N(0, init_std^2), lambda = 0
+at the start and `new_lambda` (1e-5) for added triplets; every gradient of P and Q is then proportional to a
+lambda near 0, and on short runs the model does not train (docs/BENCHMARKS.md, "Why AdaLoRA lost"). The reference pre-trains "reserve" triplets; we add fresh ones and give them a
 learning-rate warm-up instead: for `new_warmup` steps after its birth step b, the optimizer's update of a new
 component's entries (its Q row, P column and lambda) is scaled by c = min(1, (t - b) / new_warmup),
     p <- p_before + c * (p_after - p_before)     (applied in on_step, right after optimizer.step()).
@@ -52,10 +55,12 @@ from rankwise.allocate.base import Allocator, AllocatorConfig, all_reduce_mean, 
 class IncreLoraConfig(AllocatorConfig):
     """init_rank of every module (at least Budget.min_rank); top_h modules grow per round (None: a quarter
     of the modules, at least 1) by k ranks each; warmup_steps (None: 10% of total_steps); interval between
-    rounds (None: fill the budget by fill_by * total_steps); beta1 / beta2, gamma, init_std as in AdaLoRA;
-    new_lambda of new triplets; new_warmup: steps of update ramp for them; scale (None: the adapter's)."""
+    rounds (None: fill the budget by fill_by * total_steps); init "lora" or "gaussian", beta1 / beta2, gamma,
+    init_std as in AdaLoRA; new_lambda of new triplets under "gaussian"; new_warmup: steps of update ramp for
+    new triplets; scale (None: the adapter's)."""
 
     init_rank: int = 1
+    init: str = "lora"
     top_h: int | None = None
     k: int = 1
     warmup_steps: int | None = None
@@ -70,6 +75,8 @@ class IncreLoraConfig(AllocatorConfig):
     scale: float | None = None
 
     def __post_init__(self) -> None:
+        if self.init not in ("lora", "gaussian"):
+            raise ValueError(f"IncreLoraConfig.init={self.init!r}; allowed: 'lora' (default) or 'gaussian' (the paper).")
         checks = {
             "init_rank": self.init_rank >= 1, "k": self.k >= 1, "gamma": self.gamma >= 0,
             "top_h": self.top_h is None or self.top_h >= 1, "interval": self.interval is None or self.interval >= 1,
@@ -105,7 +112,7 @@ class IncreLora(Allocator):
                 self.resize_module(name, list(range(r0)), step=0)
             elif adapter.r < r0:
                 self.resize_module(name, None, r0 - adapter.r, step=0)
-            to_svd_form(adapter, cfg.init_std, self.generator, cfg.scale)
+            to_svd_form(adapter, cfg.init_std, self.generator, cfg.scale, cfg.init)
         if self.current_params() > self.budget_params:
             raise ValueError(
                 f"IncreLoRA: rank {r0} on every module needs {self.current_params():,} parameters, over the budget "
@@ -213,15 +220,25 @@ class IncreLora(Allocator):
             add = int(min(self.config.k, hi - a.r, left // self.costs[name]))
             if add <= 0:
                 continue
-            q, p = gaussian_triplets(a, add, self.config.init_std, self.generator)
-            self.resize_module(name, None, add, step=step, score=scores[name], new_A=q, new_B=p,
-                               new_e=self.config.new_lambda)
+            q, p, e = self._new_triplets(a, add)
+            self.resize_module(name, None, add, step=step, score=scores[name], new_A=q, new_B=p, new_e=e)
             self.born[name] = torch.cat([self.born[name], torch.full((add,), step, dtype=torch.long)])
             left -= add * self.costs[name]
             granted += 1
         if not any(self.costs[n] <= left and self.modules[n].r < hi for n in names):
             self.full = True
             self._remove_hooks()
+
+    def _new_triplets(self, adapter, k: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(Q rows (k, in), P columns (out, k), lambda) of k new triplets; dW is unchanged either way."""
+        if self.config.init == "gaussian":
+            q, p = gaussian_triplets(adapter, k, self.config.init_std, self.generator)
+            return q, p, self.config.new_lambda
+        bound = 1.0 / adapter.in_features**0.5
+        q = (torch.rand(k, adapter.in_features, generator=self.generator) * 2 - 1) * bound
+        like = adapter.lora_A
+        p = torch.zeros(adapter.out_features, k, dtype=like.dtype, device=like.device)
+        return q.to(dtype=like.dtype, device=like.device), p, 1.0
 
     def _remove_hooks(self) -> None:
         for h in self._hooks:
