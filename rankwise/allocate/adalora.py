@@ -82,15 +82,24 @@ def to_svd_form(adapter: LoraAdapter, std: float, generator: torch.Generator, sc
 
 
 def orthogonality_loss(adapters: list[LoraAdapter]) -> torch.Tensor | None:
-    """mean over matrices of ||P^T P - I||_F and ||Q Q^T - I||_F (rank-0 adapters have no matrices)."""
-    terms = []
+    """mean over matrices of ||P^T P - I||_F and ||Q Q^T - I||_F (rank-0 adapters have no matrices).
+
+    It runs every step, so factors of the same shape are stacked and go through one bmm and one batched
+    norm: a few kernels per distinct shape instead of several per module (on a GPU the launches, not the
+    flops, are the cost of this term)."""
+    groups: dict[tuple, list[torch.Tensor]] = {}  # (P or Q, shape, dtype, device) -> factors
     for a in adapters:
         if a.r == 0:
             continue
-        eye = torch.eye(a.r, dtype=a.lora_A.dtype, device=a.lora_A.device)
-        terms.append(torch.linalg.matrix_norm(a.lora_B.t() @ a.lora_B - eye))  # P^T P: (r, r)
-        terms.append(torch.linalg.matrix_norm(a.lora_A @ a.lora_A.t() - eye))  # Q Q^T: (r, r)
-    return torch.stack(terms).mean() if terms else None
+        for kind, f in (("P", a.lora_B), ("Q", a.lora_A)):
+            groups.setdefault((kind, tuple(f.shape), f.dtype, f.device), []).append(f)
+    terms = []
+    for (kind, _, dtype, device), factors in groups.items():
+        x = torch.stack(factors)  # P: (G, out, r); Q: (G, r, in)
+        gram = x.transpose(1, 2) @ x if kind == "P" else x @ x.transpose(1, 2)  # P^T P or Q Q^T: (G, r, r)
+        eye = torch.eye(gram.shape[-1], dtype=dtype, device=device)
+        terms.append(torch.linalg.matrix_norm(gram - eye))  # (G,)
+    return torch.cat(terms).mean() if terms else None
 
 
 class SensitivityEMA:
@@ -104,14 +113,28 @@ class SensitivityEMA:
         self.ibar: dict[str, torch.Tensor] = {}
         self.ubar: dict[str, torch.Tensor] = {}
 
-    @torch.no_grad()
     def update(self, key: str, value: torch.Tensor) -> None:
-        value = value.detach().float()
-        if key not in self.ibar or self.ibar[key].shape != value.shape:
-            self.ibar[key] = torch.zeros_like(value)
-            self.ubar[key] = torch.zeros_like(value)
-        ibar = self.ibar[key].mul_(self.beta1).add_(value, alpha=1 - self.beta1)
-        self.ubar[key].mul_(self.beta2).add_((value - ibar).abs(), alpha=1 - self.beta2)
+        self.update_many([key], [value])
+
+    @torch.no_grad()
+    def update_many(self, keys: list[str], values: list[torch.Tensor]) -> None:
+        """`update` of many tensors at once: each line of the EMA is one `_foreach` op over all of them (a few
+        kernel launches per step instead of several per tensor). A new key, or one whose shape changed,
+        starts from zeros."""
+        values = [v.detach().float() for v in values]
+        for key, value in zip(keys, values, strict=True):
+            if key not in self.ibar or self.ibar[key].shape != value.shape:
+                self.ibar[key] = torch.zeros_like(value)
+                self.ubar[key] = torch.zeros_like(value)
+        if not keys:
+            return
+        ibar, ubar = [self.ibar[k] for k in keys], [self.ubar[k] for k in keys]
+        torch._foreach_mul_(ibar, self.beta1)
+        torch._foreach_add_(ibar, values, alpha=1 - self.beta1)  # I_bar
+        deviation = torch._foreach_sub(values, ibar)
+        torch._foreach_abs_(deviation)  # |I - I_bar|
+        torch._foreach_mul_(ubar, self.beta2)
+        torch._foreach_add_(ubar, deviation, alpha=1 - self.beta2)  # U_bar
 
     def score(self, key: str, shape: tuple[int, ...], device: torch.device | None = None) -> torch.Tensor:
         """I_bar * U_bar, or zeros of `shape` for a key never updated."""
@@ -238,10 +261,18 @@ class AdaLora(Allocator):
     def on_backward(self, step: int) -> None:
         if self.final_done:
             return  # the structure is final: scores are no longer needed
+        keys, params, grads = [], [], []
         for name, a in self.modules.items():
             for key, p in (("A", a.lora_A), ("B", a.lora_B), ("e", a.rank_vector)):
                 if a.r > 0 and p.grad is not None:
-                    self.ema.update(f"{name}.{key}", (p * p.grad).abs())
+                    keys.append(f"{name}.{key}")
+                    params.append(p)
+                    grads.append(p.grad)
+        if not keys:
+            return
+        sensitivity = torch._foreach_mul(params, grads)
+        torch._foreach_abs_(sensitivity)  # I = |w * dL/dw| of every element of every adapter, batched
+        self.ema.update_many(keys, sensitivity)
 
     def on_step(self, step: int) -> None:
         self.last_step = step
