@@ -7,6 +7,9 @@ model while an allocator resizes its adapters, and FSDP2 on a Llama-70B-shaped m
     torchrun --nproc-per-node 2 bench/dist_scaling.py --model 70b --strategy fsdp --out $OUT/fsdp2.json
     python bench/dist_scaling.py --report $OUT/ddp1.json $OUT/ddp2.json $OUT/fsdp2.json   # the table
 
+`--allocator fixed` (rank `--rank` throughout, no resizes) run on 1 and 2 GPUs gives the scaling of DDP alone;
+set beside the `adalora` (default) or `sora` pair it separates the allocator's per-step host cost from DDP's.
+
 Every run trains `--warmup` untimed steps, then `--steps` timed ones; the allocator's schedule spans both,
 so resizes (and the DDP rebuilds they cause) fall inside the timed window. Throughput per GPU is global
 tokens per second / GPUs; scaling efficiency = (per-GPU throughput on N GPUs) / (on 1 GPU). The 70B model
@@ -91,7 +94,7 @@ def build(args, env):
 
 def run(args) -> dict:
     import rankwise
-    from rankwise.allocate import Budget, available_allocators, make_allocator
+    from rankwise.allocate import Budget, make_allocator
     from rankwise.distributed import (
         ParallelConfig,
         ParallelModel,
@@ -104,10 +107,12 @@ def run(args) -> dict:
     env = init_distributed()
     model, n_base = build(args, env)
     total = args.warmup + args.steps
-    name = args.allocator if args.allocator in available_allocators() else "fixed"
-    schedule = {"warmup_steps": max(args.warmup // 2, 1), "final_steps": 2, "interval": args.interval}
-    alloc = make_allocator(name, model, Budget(avg_rank=args.rank / 2), schedule if name == "adalora" else None,
-                           total_steps=total)
+    name = args.allocator
+    warmup = max(args.warmup // 2, 1)
+    schedules = {"adalora": {"warmup_steps": warmup, "final_steps": 2, "interval": args.interval},
+                 "sora": {"warmup_steps": warmup, "final_steps": 2, "check_every": args.interval}}
+    budget = Budget(avg_rank=args.rank if name == "fixed" else args.rank / 2)
+    alloc = make_allocator(name, model, budget, schedules.get(name), total_steps=total)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     alloc.attach(opt)
     pm = ParallelModel(model, ParallelConfig(strategy=args.strategy), allocator=alloc, env=env)
@@ -150,20 +155,25 @@ def run(args) -> dict:
     return result
 
 
+def _allocator(result: dict) -> str:
+    return result.get("allocator", "adalora")  # result files written before --allocator existed: adalora
+
+
 def report(paths: list[str]) -> str:
     rows = [json.loads(Path(p).read_text()) for p in paths if Path(p).is_file()]
-    base = {r["model"]: r for r in rows if r["gpus"] == 1}
-    lines = [("| model | strategy | GPUs | global batch x seq | tokens/s | tokens/s/GPU (mean) | efficiency (mean) | "
-              "tokens/s/GPU (median step) | efficiency (median) | peak GiB/GPU | resizes / DDP rebuilds |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["model"], _allocator(r)): r for r in rows if r["gpus"] == 1}  # efficiency: same model and allocator
+    lines = [("| model | allocator | strategy | GPUs | global batch x seq | tokens/s | tokens/s/GPU (mean) | "
+              "efficiency (mean) | tokens/s/GPU (median step) | efficiency (median) | peak GiB/GPU | "
+              "resizes / DDP rebuilds |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        one = base.get(r["model"])
+        one = base.get((r["model"], _allocator(r)))
         accum = f" (accum {r['accum']})" if r["accum"] > 1 else ""
         eff = f"{100 * r['tokens_per_s_per_gpu'] / one['tokens_per_s_per_gpu']:.1f}%" if one else "-"
         eff_med = (f"{100 * r['median_tokens_per_s_per_gpu'] / one['median_tokens_per_s_per_gpu']:.1f}%"
                    if one else "-")
         lines.append(
-            f"| {r['model']} ({r['base_params'] / 1e9:.2f}B) | {r['strategy']} | {r['gpus']} | "
+            f"| {r['model']} ({r['base_params'] / 1e9:.2f}B) | {_allocator(r)} | {r['strategy']} | {r['gpus']} | "
             f"{r['global_batch']} x {r['seq']}{accum} | "
             f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_gpu']:,.0f} | {eff} | "
             f"{r['median_tokens_per_s_per_gpu']:,.0f} | {eff_med} | {r['peak_mem_gib']:.1f} | "
@@ -179,9 +189,11 @@ def main() -> None:
     ap.add_argument("--global-batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--accum", type=int, default=1)
-    ap.add_argument("--rank", type=int, default=16, help="initial rank; the budget is the average rank rank/2")
-    ap.add_argument("--allocator", default="adalora")
-    ap.add_argument("--interval", type=int, default=4, help="AdaLoRA steps between prunes")
+    ap.add_argument("--rank", type=int, default=16, help="initial rank; adalora / sora prune towards the average "
+                    "rank rank/2, fixed keeps this rank")
+    ap.add_argument("--allocator", choices=["adalora", "fixed", "sora"], default="adalora",
+                    help="fixed: no allocator work, to measure DDP scaling alone")
+    ap.add_argument("--interval", type=int, default=4, help="steps between AdaLoRA prunes / SoRA checks")
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--grad-ckpt", action="store_true")
