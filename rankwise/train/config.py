@@ -21,6 +21,7 @@ from rankwise.train.defaults import DEFAULT_ALLOCATOR, DEFAULT_BUDGET
 SCHEDULERS = ("linear", "cosine", "constant")
 HEADER_MODES = ("auto", "yes", "no")
 FORMATS = ("auto", "tsv", "csv", "json", "jsonl")
+PRECISIONS = ("fp32", "bf16")
 
 
 def _help(text: str, **kw: Any) -> dict[str, Any]:
@@ -75,7 +76,14 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, **_help("AdamW weight decay"))
     scheduler: str = field(default="linear", **_help("learning-rate schedule after warmup: linear, cosine, constant"))
     warmup_ratio: float = field(default=0.06, **_help("fraction of steps with a linear warmup"))
-    batch_size: int = field(default=16, **_help("training examples per step"))
+    batch_size: int = field(default=16, **_help("training examples per micro-batch and process; an optimizer step "
+                                                "takes batch_size x grad_accum x processes examples"))
+    grad_accum: int = field(default=1, **_help("micro-batches per optimizer step (gradient accumulation; the loss of "
+                                               "each is divided by grad_accum)"))
+    precision: str = field(default="fp32", **_help("fp32, or bf16: forward under bfloat16 autocast, weights, adapters "
+                                                   "and optimizer state in fp32"))
+    gradient_checkpointing: bool = field(default=False, **_help("recompute activations during backward: less memory, "
+                                                                "one more forward per step (transformers models)"))
     eval_batch_size: int = field(default=64, **_help("examples per evaluation batch"))
     steps: int | None = field(default=None, **_help("optimizer steps (default: from epochs)"))
     epochs: float = field(default=1.0, **_help("passes over the training data when steps is not given"))
@@ -121,6 +129,13 @@ class TrainConfig:
         for name in ("eval_every", "eval_generate", "save_every", "log_every", "min_rank"):
             _require(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
         _require(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+        _require(self.grad_accum >= 1, "grad_accum", self.grad_accum,
+                 "an integer >= 1 (micro-batches per optimizer step; 1 turns accumulation off)")
+        if self.precision in ("fp16", "float16"):
+            raise ValueError(f"TrainConfig.precision={self.precision!r}: fp16 needs loss scaling, which rankwise train "
+                             "does not do. Use bf16 (same memory and speed, no scaling; CPUs and Ampere or newer "
+                             "GPUs) or fp32.")
+        _require(self.precision in PRECISIONS, "precision", self.precision, f"one of {list(PRECISIONS)}")
         _require(self.lr > 0, "lr", self.lr, "a number > 0 (e.g. 5e-4)")
         _require(self.epochs > 0, "epochs", self.epochs, "a number > 0")
         _require(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "a number in [0, 1)")

@@ -3,7 +3,8 @@
     for each step: loss = loss_fn(model, batch) + allocator.loss_term(); backward;
                    allocator.on_backward; clip; optimizer.step; scheduler.step; allocator.on_step; zero_grad
 
-The CLI (`rankwise train`) adds data, evaluation, checkpoints and logging around the same step function.
+The CLI (`rankwise train`) adds data, evaluation, checkpoints and logging around the same step, taken over
+several micro-batches (gradient accumulation) and processes: `rankwise.distributed.step.parallel_train_step`.
 """
 
 from __future__ import annotations

@@ -1,20 +1,30 @@
 """One `rankwise train` run: build, train with evaluation / checkpoints / logging, save. Read top to bottom.
 
     task reads the data -> model with its head -> inject LoRA -> allocator (may reshape) -> allocator.prepare
-    -> AdamW + warmup schedule -> attach -> [restore a checkpoint] -> loop over steps:
-           train_step (rankwise.train.loop) -> log -> evaluate every eval_every -> checkpoint every save_every
+    -> [gradient checkpointing] -> AdamW + warmup schedule -> attach -> [restore a checkpoint] -> loop over steps:
+           parallel_train_step (rankwise.distributed.step) -> log -> evaluate every eval_every -> checkpoint
+           every save_every
     -> allocator.finalize -> final evaluation -> adapter (PEFT format), metrics.json, rank plots
 
-Several processes (`torchrun --nproc-per-node N rankwise train ...` or `accelerate launch`): every process
-builds the same run; each step's batch is split by process (rankwise.distributed.shard_batch) and
-`ParallelModel` averages the gradients (DDP; FSDP2 for the frozen base with ACCELERATE_USE_FSDP=true or
-RANKWISE_STRATEGY=fsdp); process 0 alone writes logs, checkpoints and the adapter. The states are replicated,
-so a checkpoint resumes on any number of processes.
+Batches: one optimizer step takes the next batch_size x grad_accum x processes examples (the effective batch)
+from `DataStream`; each process takes its contiguous share (rankwise.distributed.shard_batch) and splits it
+into grad_accum micro-batches of batch_size. `parallel_train_step` runs forward and backward per micro-batch
+with the loss divided by grad_accum, inside DDP's no_sync() for all but the last, then calls the allocator's
+on_backward once (scores from the accumulated gradient, the gradient of the mean loss over the effective
+batch), the optimizer and on_step. So with the same effective batch, 1 process x grad_accum 4, 2 processes x
+grad_accum 2 and 4 processes train the same adapter up to float error. precision=bf16 runs the forward of
+training and evaluation under bfloat16 autocast (weights, adapters, optimizer state stay fp32).
 
-Exact resume: the batch of step t is a pure function of (seed, epoch, index) (`DataStream`), and a checkpoint
-holds the adapter at its current ranks, optimizer, scheduler, allocator and RNG states, so a resumed run takes
-the same steps as an uninterrupted one. Ctrl-C sets a flag; the loop finishes the current step, writes a
-checkpoint and stops (a second Ctrl-C stops at once).
+Several processes (`torchrun --nproc-per-node N rankwise train ...` or `accelerate launch`): every process
+builds the same run; `ParallelModel` averages the gradients (DDP; FSDP2 for the frozen base with
+ACCELERATE_USE_FSDP=true or RANKWISE_STRATEGY=fsdp); process 0 alone writes logs, checkpoints and the adapter.
+The states are replicated, so a checkpoint resumes on any number of processes, with batch_size and grad_accum
+chosen to keep the effective batch.
+
+Exact resume: the examples of step t are a pure function of (seed, epoch, index) (`DataStream`; steps count
+optimizer steps), and a checkpoint holds the adapter at its current ranks, optimizer, scheduler, allocator and
+RNG states, so a resumed run takes the same steps as an uninterrupted one. Ctrl-C sets a flag; the loop
+finishes the current step, writes a checkpoint and stops (a second Ctrl-C stops at once).
 """
 
 from __future__ import annotations
@@ -43,8 +53,9 @@ from rankwise.distributed import (
     ParallelConfig,
     ParallelModel,
     bridge_device,
+    enable_gradient_checkpointing,
     init_distributed,
-    mean_over_processes,
+    parallel_train_step,
     shard_batch,
     to_device,
 )
@@ -56,14 +67,15 @@ from rankwise.model import adapter_param_count
 from rankwise.optim_groups import loraplus_param_groups
 from rankwise.train.config import TrainConfig
 from rankwise.train.logger import RunLog
-from rankwise.train.loop import train_step
 from rankwise.train.tasks import Example, Task, make_task
 
 CALIBRATION_BATCHES = 8
 FREE_ON_RESUME = {  # fields a resumed run may change: they do not affect the training steps
     "resume", "progress", "tensorboard", "plot", "eval_every", "save_every", "keep_checkpoints", "log_every",
     "threads", "eval_generate", "max_new_tokens", "eval_file", "max_eval_samples", "eval_batch_size", "output_dir",
+    "gradient_checkpointing",  # recomputes the same activations
 }
+LAYOUT_ON_RESUME = {"batch_size", "grad_accum"}  # may change on resume if the effective batch stays the same
 
 
 class QuietLog:
@@ -85,8 +97,8 @@ class Hooks:
 
 
 class DataStream:
-    """Training batches in a seeded order: epoch e visits a permutation fixed by (seed, e); the position
-    (epoch, index) is the whole state, so it resumes exactly."""
+    """Training batches (of the effective batch size) in a seeded order: epoch e visits a permutation fixed by
+    (seed, e); the position (epoch, index) is the whole state, so it resumes exactly."""
 
     def __init__(self, examples: list[Example], batch_size: int, seed: int) -> None:
         self.examples, self.batch_size, self.seed = examples, batch_size, seed
@@ -201,6 +213,7 @@ class Run:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
         self.env = init_distributed()  # launched by torchrun / accelerate: one process per GPU
+        self.effective_batch = cfg.batch_size * cfg.grad_accum * self.env.world_size  # examples per optimizer step
         self.parallel = ParallelConfig(strategy=os.environ.get("RANKWISE_STRATEGY", "auto"))
         self.task: Task = make_task(cfg)
         self.train_examples = self.task.read(cfg.train_file, cfg.max_train_samples, train=True)
@@ -228,8 +241,8 @@ class Run:
             if self.parallel.resolved_strategy() == "ddp":
                 self.model.to(self.env.device)
             bridge_device(self.model)  # calibration / evaluation batches follow the model to its device
-        self.stream = DataStream(self.train_examples, cfg.batch_size, cfg.seed)
-        per_epoch = math.ceil(len(self.train_examples) / cfg.batch_size)
+        self.stream = DataStream(self.train_examples, self.effective_batch, cfg.seed)
+        per_epoch = math.ceil(len(self.train_examples) / self.effective_batch)
         self.total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch))
         self.allocator = make_allocator(cfg.method, self.model, self.budget, dict(cfg.allocator_options),
                                         total_steps=self.total_steps, seed=cfg.seed)
@@ -237,6 +250,12 @@ class Run:
         # Methods that score on a held-out batch (ALoRA, DyLoRA's greedy choice) get a batch of training rows:
         # never the evaluation set, whose metrics would otherwise be chosen on.
         self.allocator.set_eval_batch(next(self.calibration_batches()), self.loss_fn)
+        if cfg.gradient_checkpointing:  # after the data-driven steps above: their hooks must see one forward each
+            try:
+                enable_gradient_checkpointing(self.model, distributed=self.env.distributed)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"gradient_checkpointing=true: {err} Set gradient_checkpointing to false for this "
+                                 "model.") from err
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.lr, cfg.lr_ratio, cfg.weight_decay),
                                            lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = int(cfg.warmup_ratio * self.total_steps)
@@ -244,17 +263,44 @@ class Run:
             self.optimizer, lr_lambda(cfg.scheduler, warmup, self.total_steps))
         self.allocator.attach(self.optimizer)
         self.pm = ParallelModel(self.model, self.parallel, allocator=self.allocator, env=self.env)
+        self.device_type = next(self.model.parameters()).device.type  # after FSDP placed its shards
+        if cfg.precision == "bf16" and self.device_type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"precision='bf16': {torch.cuda.get_device_name()} has no bfloat16 support; use "
+                             "precision fp32 on this GPU.")
 
     @staticmethod
     def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast on the model's device for precision=bf16 (weights stay fp32), else nothing."""
+        if self.cfg.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=torch.bfloat16)
+
+    def train_loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The task loss of one training micro-batch, forward in the run's precision (backward runs outside)."""
+        with self.autocast():
+            return self.loss_fn(model, batch)
+
+    def micro_batches(self, examples: list[Example]) -> list[dict[str, torch.Tensor]]:
+        """This process's share of one step's examples as grad_accum collated micro-batches (on its device).
+        Shares and micro-batches are contiguous rows, equal in size except in the short last batch of an epoch:
+        there sizes differ by at most one, a share smaller than the number of processes goes whole to every
+        process, and fewer rows than grad_accum give fewer micro-batches. Each is padded to its own longest row."""
+        mine = shard_batch(examples, self.env.rank, self.env.world_size, uneven=True)
+        parts = min(self.cfg.grad_accum, len(mine))
+        batches = [self.task.collate(shard_batch(mine, i, parts, uneven=True, parts="micro-batches"))
+                   for i in range(parts)]
+        return [to_device(b, self.env.device) for b in batches] if self.env.distributed else batches
+
     def calibration_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """A fixed sample of training batches for data-driven methods (independent of the training order)."""
+        """A fixed sample of training batches for data-driven methods (independent of the training order):
+        CALIBRATION_BATCHES effective batches of rows, in batches of batch_size (what one forward holds)."""
         g = torch.Generator().manual_seed(self.cfg.seed + 7919)
         order = torch.randperm(len(self.train_examples), generator=g).tolist()
         size = self.cfg.batch_size
-        for i in range(0, min(len(order), CALIBRATION_BATCHES * size), size):
+        for i in range(0, min(len(order), CALIBRATION_BATCHES * self.effective_batch), size):
             yield self.task.collate([self.train_examples[j] for j in order[i:i + size]])
 
     # ---- checkpoints ---------------------------------------------------------------------------------
@@ -264,7 +310,8 @@ class Run:
         path = ckpt.save_checkpoint(
             self.ckpt_dir, self.step, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
             allocator=self.allocator, data_state=self.stream.state(), keep=self.cfg.keep_checkpoints,
-            extra={"config": self.cfg.to_dict(), "train_seconds": self.train_seconds},
+            extra={"config": self.cfg.to_dict(), "train_seconds": self.train_seconds,
+                   "effective_batch": self.effective_batch},
         )
         return path
 
@@ -279,12 +326,20 @@ class Run:
 
     def restore(self, path: Path) -> None:
         state = ckpt.load_checkpoint(path)
-        saved = state["extra"].get("config", {})
-        changed = sorted(k for k, v in saved.items() if k not in FREE_ON_RESUME and self.cfg.to_dict().get(k) != v)
+        saved, now = state["extra"].get("config", {}), self.cfg.to_dict()
+        changed = [f"{k}: {v!r} -> {now.get(k)!r}" for k, v in sorted(saved.items())
+                   if k not in FREE_ON_RESUME | LAYOUT_ON_RESUME and now.get(k) != v]
+        # checkpoints written before grad_accum existed: batch_size was the whole step's batch
+        saved_batch = int(state["extra"].get("effective_batch", saved.get("batch_size", self.effective_batch)))
+        if saved_batch != self.effective_batch:
+            changed.append(f"effective batch (batch_size x grad_accum x processes): {saved_batch} -> "
+                           f"{self.cfg.batch_size} x {self.cfg.grad_accum} x {self.env.world_size} = "
+                           f"{self.effective_batch}")
         if changed:
-            details = ", ".join(f"{k}: {saved[k]!r} -> {self.cfg.to_dict()[k]!r}" for k in changed)
-            raise ValueError(f"Cannot resume from {path}: these settings differ from the interrupted run ({details}). "
-                             "Resume with the same settings, or start a new run in another --output-dir.")
+            raise ValueError(f"Cannot resume from {path}: these settings differ from the interrupted run "
+                             f"({', '.join(changed)}). Resume with the same settings (batch_size and grad_accum "
+                             f"may change if batch_size x grad_accum x processes stays {saved_batch}), or start "
+                             "a new run in another --output-dir.")
         ckpt.restore_model(self.model, state)
         groups = ckpt.build_param_groups(self.model, state["param_names"])
         self.optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
@@ -303,7 +358,8 @@ class Run:
 
     # ---- the loop ------------------------------------------------------------------------------------
     def evaluate(self, log: RunLog) -> dict[str, float]:
-        metrics = self.task.evaluate(self.model, self.eval_examples)
+        with self.autocast():
+            metrics = self.task.evaluate(self.model, self.eval_examples)
         log.write("eval", step=self.step, **metrics)
         for hook in self.hooks.after_eval:
             hook(self, self.step, metrics)
@@ -324,6 +380,8 @@ class Run:
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         log = RunLog(self.out, tensorboard=cfg.tensorboard, progress=cfg.progress, total_steps=self.total_steps,
                      start_step=self.step) if main else QuietLog()
+        log.message(f"effective batch {self.effective_batch} = batch_size {cfg.batch_size} x grad_accum "
+                    f"{cfg.grad_accum} x {self.env.world_size} process(es); precision {cfg.precision}")
         if cfg.resume:
             log.message(f"resumed from {path} at step {self.step}")
         seen = len(self.allocator.history)
@@ -333,13 +391,11 @@ class Run:
                 while self.step < self.total_steps:
                     start = time.perf_counter()
                     self.step += 1
-                    batch = self.task.collate(self.stream.next())
-                    if self.env.distributed:  # this process's rows of the step's batch
-                        batch = to_device(shard_batch(batch, self.env.rank, self.env.world_size, uneven=True),
-                                          self.env.device)
-                    loss = train_step(self.pm, batch, self.step, self.optimizer, allocator=self.allocator,
-                                      loss_fn=self.loss_fn, scheduler=self.scheduler, grad_clip=cfg.grad_clip)
-                    loss = mean_over_processes(loss)
+                    micro = self.micro_batches(self.stream.next())
+                    # the mean task loss over micro-batches and processes
+                    loss = parallel_train_step(self.pm, micro, self.step, self.optimizer, allocator=self.allocator,
+                                               loss_fn=self.train_loss, scheduler=self.scheduler,
+                                               grad_clip=cfg.grad_clip)
                     self.train_seconds += time.perf_counter() - start
                     seen = self._after_step(log, loss, seen)
                     if flag["stop"] and self.step < self.total_steps:
@@ -383,7 +439,8 @@ class Run:
             summary = {
                 "method": cfg.method, "init": cfg.init, "budget": cfg.budget,
                 "budget_params": self.allocator.budget_params, "trainable_params": params,
-                "steps": self.step, "train_seconds": round(self.train_seconds, 2), "eval": metrics,
+                "steps": self.step, "effective_batch": self.effective_batch, "precision": cfg.precision,
+                "train_seconds": round(self.train_seconds, 2), "eval": metrics,
             }
             log.write("final", step=self.step, **{k: v for k, v in summary.items() if k != "eval"}, **metrics)
         finally:
