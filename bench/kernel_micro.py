@@ -1,6 +1,7 @@
 """Per-kernel timings of the fused adapter path at one Llama-3.2-1B layer's shapes (GPU machine).
 
 Usage: PYTHONPATH=. python bench/kernel_micro.py. Writes $OUT/kernel_micro.json if OUT is set.
+With --serve: the serving kernels instead (`serve_main`, below), written to $OUT/kernel_micro_serve.json.
 
 For each projection shape (tokens M = 8192), rank 16:
 - the fused kernels' achieved bandwidth (bytes: each activation read or written once; adapter-sized tensors
@@ -146,5 +147,197 @@ def main() -> None:
     print(f"bandwidth ceiling (copy): {ceiling:.0f} GB/s")
 
 
+# ---- serving kernels (--serve) ---------------------------------------------------------------------------
+
+def graph_ms(fn, calls: int = 50) -> float:
+    """ms per call of `fn` replayed from a CUDA graph of `calls` calls (no host launch cost: small kernels are
+    timed as a decode step's graph runs them)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[2]
+
+
+def lora_site(K: int, parts: tuple[int, ...], n_adapters: int, dev="cuda", dtype=torch.bfloat16):
+    """A pool with n adapters at one site, ranks cycling 8, 16, 32, 64 (every part), and its (P, S) tables."""
+    S, P = n_adapters, len(parts)
+    cycle = [8, 16, 32, 64]
+    offA, offB, rankB, r0 = [], [[0] * S for _ in parts], [[0] * S for _ in parts], [[0] * S for _ in parts]
+    cursor = 0
+    for s in range(S):
+        r = cycle[s % 4]
+        offA.append(cursor)
+        cursor += -(-P * r * K // 64) * 64
+        for p, w in enumerate(parts):
+            offB[p][s], rankB[p][s], r0[p][s] = cursor, r, p * r
+            cursor += -(-r * w // 64) * 64
+    pool = (torch.randn(cursor, device=dev) * 0.02).to(dtype)
+    i64 = lambda x: torch.tensor(x, dtype=torch.int64, device=dev)
+    tables = dict(offA=i64(offA), rankA=i64([P * cycle[s % 4] for s in range(S)]), offB=i64(offB),
+                  rankB=i64(rankB), r0=i64(r0), scale=torch.ones(P, S, device=dev), offG=i64([[-1] * S] * P))
+    return pool, tables
+
+
+def serve_main() -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from rankwise.serve.kernels import triton_lora as tlora
+    from rankwise.serve.kernels.triton_attention import (
+        paged_decode_attention,
+        paged_decode_attention_rope,
+        prefill_attention,
+    )
+    from rankwise.serve.kernels.triton_fused import add_rms, rope_kv, silu_mul
+    from rankwise.serve.lora_batch import plan_blocks
+    from rankwise.serve.model import seq_starts
+
+    dev, dt = "cuda", torch.bfloat16
+    rows: list[dict] = []
+
+    def save(rows):
+        out = os.environ.get("OUT")
+        if out:
+            with open(os.path.join(out, "kernel_micro_serve.json"), "w") as fh:
+                json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, fh,
+                          indent=1)
+
+    def add(kernel, case, config, t):
+        rows.append({"kernel": kernel, "case": case, "config": config, "us": 1e3 * t})
+        print(f"{kernel:<34} {case:<26} {config:<34} {1e3 * t:>9.1f} us", flush=True)
+
+    # LoRA at one site against the two-pass kernels: decode (32 rows of 32 distinct adapters, or of 1 adapter) and
+    # prefill (one adapter per prompt), over a few launch shapes of the fused kernel (columns, block_k, num_warps)
+    decode_cfgs = [(256, 128, 4), (512, 128, 4), (512, 256, 4), (1024, 128, 4), (512, 128, 8)]
+    prefill_cfgs = [(1024, 64, 4), (4096, 64, 4), (1024, 128, 8), (4096, 64, 8)]
+    plan = [("qkv", "decode 32 adapters", [s for s in range(32)], decode_cfgs, (16,)),
+            ("o", "decode 32 adapters", [s for s in range(32)], decode_cfgs, (16,)),
+            ("qkv", "decode 1 adapter", [0] * 32, decode_cfgs[:2], (16,)),
+            ("qkv", "prefill 300 tok, 1 adapter", [5] * 300, prefill_cfgs, (16, 64)),
+            ("o", "prefill 300 tok, 1 adapter", [5] * 300, prefill_cfgs, (16, 64)),
+            ("qkv", "prefill 2048 tok, 4 adapters", [s for s in range(4) for _ in range(512)], prefill_cfgs[:2],
+             (16, 64)),
+            ("gate_up", "decode 32 adapters", [s for s in range(32)], decode_cfgs[:2], (16,)),
+            ("down", "decode 32 adapters", [s for s in range(32)], decode_cfgs[:2], (16,))]
+    sites = {"qkv": (2048, (2048, 512, 512)), "o": (2048, (2048,)), "gate_up": (2048, (8192, 8192)),
+             "down": (8192, (2048,))}
+    pools = {}
+    for site, case, slots, cfgs, block_ts in plan:
+        K, parts = sites[site]
+        pool, tb = pools.setdefault(site, lora_site(K, parts, 40))
+        cols = tuple([0] + list(torch.tensor(parts).cumsum(0).tolist()))
+        T = len(slots)
+        x = torch.randn(T, K, device=dev, dtype=dt)
+        out = torch.randn(T, cols[-1], device=dev, dtype=dt)
+        for block_t in block_ts:
+            nb = T // block_t + 32
+            order, st, en, sl = plan_blocks(slots, block_t, num_blocks=nb)
+            meta = [torch.tensor(a, dtype=torch.int32, device=dev) for a in (order, st, en, sl)]
+            if block_t == 16:
+                split = tlora.split_k(K, nb)
+                y = torch.empty(split, T, 3 * 64, device=dev)
+
+                def two_pass():
+                    tlora.lora_shrink(x, pool, y, *meta, tb["offA"], tb["rankA"], max_rank=len(parts) * 64,
+                                      split=split, block_t=16)
+                    tlora.lora_expand(y, out, pool, *meta, cols, tb["offB"], tb["rankB"], tb["r0"], tb["scale"],
+                                      tb["offG"], split=split, block_t=16)
+                add(f"lora {site} two-pass", case, f"split={split}", graph_ms(two_pass))
+            for columns, block_k, warps in cfgs:
+                fn = lambda: tlora.lora_fused(x, out, pool, *meta, cols, tb["offA"], tb["offB"], tb["rankB"],
+                                              tb["r0"], tb["scale"], tb["offG"], max_rank=64, block_t=block_t,
+                                              columns=columns, block_k=block_k, num_warps=warps)
+                try:
+                    t = graph_ms(fn)
+                except Exception as exc:  # a launch shape that does not compile (shared memory): skip it
+                    print(f"  skip {columns, block_k, warps}: {type(exc).__name__}: {exc}"[:200], flush=True)
+                    continue
+                add(f"lora {site} fused", case, f"bt={block_t} cols={columns} bk={block_k} w={warps}", t)
+    del pools
+    torch.cuda.empty_cache()
+    save(rows)
+
+    # one decode layer's other kernels at batch 32, and the whole-model GEMMs
+    B, H, Hkv, D, bs = 32, 32, 8, 64, 16
+    hidden, inter, vocab = 2048, 8192, 128256
+    x = torch.randn(B, hidden, device=dev, dtype=dt)
+    w = torch.randn(hidden, device=dev, dtype=dt)
+    add("add_rms", "B=32", "-", graph_ms(lambda: add_rms(x, x, w, 1e-5)))
+    gu = torch.randn(B, 2 * inter, device=dev, dtype=dt)
+    add("silu_mul", "B=32", "-", graph_ms(lambda: silu_mul(gu)))
+    for name, (n, k) in {"qkv": (3072, 2048), "o": (2048, 2048), "gate_up": (16384, 2048), "down": (2048, 8192),
+                         "lm_head": (vocab, 2048)}.items():
+        W = torch.randn(n, k, device=dev, dtype=dt)
+        xa = torch.randn(B, k, device=dev, dtype=dt)
+        add("cuBLAS x @ W^T", f"{name} B=32", f"{n}x{k}", graph_ms(lambda: xa @ W.t()))
+        if name == "lm_head":
+            add("lm_head + float + argmax", "B=32", "-", graph_ms(lambda: (xa @ W.t()).float().argmax(-1)))
+            add("lm_head + argmax (bf16)", "B=32", "-", graph_ms(lambda: (xa @ W.t()).argmax(-1)))
+    # the GEMMs of a whole decode step (16 layers + LM head) as one graph, with cuBLAS and with cuBLASLt
+    mats = [torch.randn(n, k, device=dev, dtype=dt) for _ in range(16)
+            for n, k in ((3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192))]
+    mats.append(torch.randn(vocab, 2048, device=dev, dtype=dt))
+    xs = [torch.randn(B, m.shape[1], device=dev, dtype=dt) for m in mats]
+    gbytes = sum(m.numel() * 2 for m in mats) / 1e9
+    for lib in ("cublas", "cublaslt"):
+        torch.backends.cuda.preferred_blas_library(lib)
+        t = graph_ms(lambda: [x_ @ m.t() for x_, m in zip(xs, mats)], calls=5)
+        add("decode step GEMMs (graph)", f"B=32 {gbytes:.2f} GB", lib, t)
+    torch.backends.cuda.preferred_blas_library("cublas")
+    NB = 2200
+    kc = torch.randn(NB, bs, Hkv, D, device=dev, dtype=dt)
+    vc = torch.randn_like(kc)
+    cos, sin = torch.randn(4096, D, device=dev, dtype=dt), torch.randn(4096, D, device=dev, dtype=dt)
+    qkv = torch.randn(B, (H + 2 * Hkv) * D, device=dev, dtype=dt)
+    tables = torch.randperm(NB - 1, device=dev)[: B * 64].add(1).view(B, 64).to(torch.int32)
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+    for ctx in (192, 1024):
+        pos = torch.full((B,), ctx - 1, dtype=torch.int64, device=dev)
+        lens = (pos + 1).to(torch.int32)
+        slots = tables.gather(1, (pos // bs)[:, None])[:, 0].long() * bs + pos % bs
+
+        def separate():
+            q, _ = rope_kv(qkv, cos, sin, pos, slots, kc, vc, H)
+            paged_decode_attention(q, kc, vc, tables, lens, D ** -0.5)
+        add("rope_kv + paged attention", f"B=32 ctx={ctx}", "2 kernels", graph_ms(separate))
+        add("paged attention with rope", f"B=32 ctx={ctx}", "1 kernel",
+            graph_ms(lambda: paged_decode_attention_rope(qkv, cos, sin, pos, active, kc, vc, tables, D ** -0.5, H)))
+    for lens in ([300], [512] * 4, [64] * 8 + [100] * 6):
+        T = sum(lens)
+        q = torch.randn(T, H, D, device=dev, dtype=dt)
+        k, v = torch.randn(T, Hkv, D, device=dev, dtype=dt), torch.randn(T, Hkv, D, device=dev, dtype=dt)
+        starts = torch.tensor(seq_starts(lens, T), dtype=torch.int32, device=dev)
+        add("prefill attention (Triton varlen)", f"{len(lens)} prompts, {T} tok", "-",
+            graph_ms(lambda: prefill_attention(q, k, v, starts, D ** -0.5)))
+
+        def sdpa():
+            s0 = 0
+            for n in lens:
+                with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+                    torch.nn.functional.scaled_dot_product_attention(
+                        q[s0: s0 + n].transpose(0, 1)[None], k[s0: s0 + n].transpose(0, 1)[None],
+                        v[s0: s0 + n].transpose(0, 1)[None], is_causal=True, enable_gqa=True)
+                s0 += n
+        add("prefill attention (SDPA per prompt)", f"{len(lens)} prompts, {T} tok", "-", graph_ms(sdpa))
+    save(rows)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    serve_main() if "--serve" in sys.argv else main()

@@ -322,6 +322,11 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=100.0, help="req/s of the saturating runs")
     ap.add_argument("--work", default=None, help="folder for adapters (default: a temporary one)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, runs on a CPU: checks the script itself")
+    ap.add_argument("--configs", default=None,
+                    help="comma-separated subset of the saturated runs: none,1,32,100,big,skewed,all7,again")
+    ap.add_argument("--no-check", action="store_true", help="skip the float32 check against PEFT")
+    ap.add_argument("--no-baselines", action="store_true", help="skip HF generate and PEFT's mixed batch")
+    ap.add_argument("--no-latency", action="store_true", help="skip the 10 req/s (unsaturated) runs")
     args = ap.parse_args()
     if args.smoke:
         SHAPE.update(SMOKE_SHAPE)
@@ -339,8 +344,9 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(res, indent=1, default=str))
 
     t0 = time.perf_counter()
-    res["fp32_peft_check"] = fp32_peft_check(root / "check")
-    print("fp32 check", res["fp32_peft_check"], flush=True)
+    if not args.no_check:
+        res["fp32_peft_check"] = fp32_peft_check(root / "check")
+        print("fp32 check", res["fp32_peft_check"], flush=True)
     res["copy_bandwidth_tb_s"] = copy_bandwidth() / 1e12
 
     hf = build_hf(torch.bfloat16)
@@ -375,23 +381,33 @@ def main() -> None:
 
     runs = {}
     res["big_label"] = f"{n_big} adapters"
-    configs = [("no adapters", [], 1.0), ("1 adapter", qkvo[:1], 1.0), ("32 adapters", qkvo[:32], 1.0),
-               ("100 adapters", qkvo[:100], 1.0), (f"{n_big} adapters", qkvo, 1.0),
-               (f"{n_big} adapters, skewed", qkvo, 0.3), (f"{len(all7)} adapters, all 7 projections", all7, 1.0),
-               ("no adapters (again, last)", [], 1.0)]
-    if quick:
-        configs = configs[:3] + configs[4:5] + configs[6:7]
+    configs = {"none": ("no adapters", [], 1.0), "1": ("1 adapter", qkvo[:1], 1.0),
+               "32": ("32 adapters", qkvo[:32], 1.0), "100": ("100 adapters", qkvo[:100], 1.0),
+               "big": (f"{n_big} adapters", qkvo, 1.0), "skewed": (f"{n_big} adapters, skewed", qkvo, 0.3),
+               "all7": (f"{len(all7)} adapters, all 7 projections", all7, 1.0),
+               "again": ("no adapters (again, last)", [], 1.0)}
+    keys = args.configs.split(",") if args.configs else (["none", "1", "32", "big", "all7"] if quick else list(configs))
+    unknown = set(keys) - set(configs)
+    if unknown:
+        raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from {list(configs)}")
+    configs = [configs[k] for k in configs if k in keys]
     for label, names, alpha in configs:
         runs[label] = run_rankwise(engine, workload(n_req, args.rate, names, alpha, seed=7))
         print(label, {k: runs[label][k] for k in ("req_per_s", "output_tok_per_s", "failed", "steps", "process_cpu_s")},
               flush=True)
         res["rankwise"] = runs
         save()
-    lat = {}
-    for label, names in (("no adapters", []), (f"{n_big} adapters", qkvo)):
-        lat[label] = run_rankwise(engine, workload(max(4, n_req // 4), 10.0, names, 1.0, seed=8))
-    res["rankwise_10_req_s"] = lat
-    save()
+    if not args.no_latency:
+        lat = {}
+        for label, names in (("no adapters", []), (f"{n_big} adapters", qkvo)):
+            lat[label] = run_rankwise(engine, workload(max(4, n_req // 4), 10.0, names, 1.0, seed=8))
+        res["rankwise_10_req_s"] = lat
+        save()
+    if args.no_baselines:
+        res["total_s"] = time.perf_counter() - t0
+        save()
+        print_table(res)
+        return
 
     # HF baselines on one static batch of 32 requests of the same workload
     batch = workload(min(32, len(qkvo)), 1.0, qkvo[:32], 1.0, seed=9)
@@ -420,7 +436,8 @@ def main() -> None:
 
 
 def print_table(res: dict) -> None:
-    base = res["rankwise"]["no adapters"]["output_tok_per_s"]
+    first = next(iter(res["rankwise"].values()))
+    base = res["rankwise"].get("no adapters", first)["output_tok_per_s"]
     print(f"\n{res['gpu']}, torch {res['torch']}, {res['date']}")
     print("| engine | req/s | output tok/s | vs no-adapter | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms | peak GiB |")
     print("|---|---|---|---|---|---|---|")
@@ -429,6 +446,8 @@ def print_table(res: dict) -> None:
         print(f"| rankwise, {label} | {r['req_per_s']:.2f} | {r['output_tok_per_s']:,.0f} | "
               f"{r['output_tok_per_s'] / base:.2f} | {f(r['ttft_ms'])} | {f(r['tpot_ms'])} | {r['peak_gib']:.1f} |")
     for key, label in (("hf_base", "HF generate, base"), ("peft_mixed_32", "PEFT mixed batch, 32 adapters")):
+        if key not in res:
+            continue
         r = res[key]
         print(f"| {label} (batch 32, {r['new_tokens']} tokens) | - | {r['output_tok_per_s']:,.0f} | "
               f"{r['output_tok_per_s'] / base:.3f} | - | - | - |")
@@ -437,12 +456,17 @@ def print_table(res: dict) -> None:
           f"{d['32_adapters']['step_ms']:.2f} ms with 32 adapters; bandwidth floor {d['bandwidth_floor_ms']:.2f} ms "
           f"(x{d['base_vs_bandwidth_floor']:.2f}), GEMM-graph floor {d['gemm_graph_floor_ms']:.2f} ms "
           f"(x{d['base_vs_gemm_floor']:.2f})")
-    big = res["big_label"]
-    peft32 = res["peft_mixed_32"]["output_tok_per_s"]
-    print(f"targets: {big} / no adapters = {res['rankwise'][big]['output_tok_per_s'] / base:.2f} (>= 0.80); "
-          f"32 adapters / PEFT = {res['rankwise']['32 adapters']['output_tok_per_s'] / peft32:.0f}x (>= 20x); "
-          f"decode / floor = {d['base_vs_bandwidth_floor']:.2f} (<= 1.5); fp32 PEFT check "
-          f"{res['fp32_peft_check']['identical_to_peft']}/{res['fp32_peft_check']['requests']}")
+    big, runs = res["big_label"], res["rankwise"]
+    parts = [f"decode / floor = {d['base_vs_bandwidth_floor']:.2f} (<= 1.5)"]
+    if big in runs and "no adapters" in runs:
+        parts.insert(0, f"{big} / no adapters = {runs[big]['output_tok_per_s'] / base:.2f} (>= 0.80)")
+    if "peft_mixed_32" in res and "32 adapters" in runs:
+        ratio = runs["32 adapters"]["output_tok_per_s"] / res["peft_mixed_32"]["output_tok_per_s"]
+        parts.append(f"32 adapters / PEFT = {ratio:.0f}x (>= 20x)")
+    if "fp32_peft_check" in res:
+        c = res["fp32_peft_check"]
+        parts.append(f"fp32 PEFT check {c['identical_to_peft']}/{c['requests']}")
+    print("targets: " + "; ".join(parts))
 
 
 if __name__ == "__main__":

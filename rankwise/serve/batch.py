@@ -5,24 +5,27 @@ the next input token is the previous step's sample (written on the device), posi
 and the slot each new key/value goes to is computed on the device from the block table. The host uploads only
 what changed: a new block for a row (every `block_size` tokens) and, when the set of rows changes, the active
 mask, sampling settings and the LoRA grouping of the rows. That makes a decode step a fixed sequence of kernels
-on fixed buffers, which is captured once per (padded batch size, LoRA sites in use) as a CUDA graph and replayed;
-kernels that depend on lengths (paged attention, LoRA blocks) read them from the device, so one graph serves
-any lengths and any adapter mix.
+on fixed buffers, which is captured once per (padded batch size, LoRA sites in use, greedy or not) as a CUDA graph
+and replayed; kernels that depend on lengths (paged attention, LoRA blocks) read them from the device, so one graph
+serves any lengths and any adapter mix. When every row is greedy the graph also takes the argmax of the logits
+(in the model dtype: the same token as in float32, one pass over the vocabulary fewer) and advances the rows, so the
+step is one replay; sampled rows get their logits in float32 and `sample` runs after the replay.
 """
 
 from __future__ import annotations
 
 import torch
 
-from rankwise.serve.lora_batch import LoraStep, plan_blocks
+from rankwise.serve.lora_batch import LoraStep, lora_workspace, plan_blocks
 from rankwise.serve.model import AttnBatch, LlamaFamilyModel, LoraContext
+from rankwise.serve.sampling import sample
 from rankwise.serve.scheduler import Scheduler
 from rankwise.serve.transfer import to_device
 
 
 class BatchState:
     def __init__(self, model: LlamaFamilyModel, kv, lora_ctx: dict | None, max_num_seqs: int, max_blocks: int,
-                 block_t: int, r_cap: int, use_graphs: bool, splits: int = 1):
+                 block_t: int, r_cap: int, use_graphs: bool):
         R, dev = max_num_seqs, model.device
         self.model, self.kv, self.R, self.block_t = model, kv, R, block_t
         self.lora_ctx = lora_ctx  # tables, pool, layout, max_lora_rank, backend (no step)
@@ -34,14 +37,17 @@ class BatchState:
         self.top_p = torch.ones(R, dtype=torch.float32, device=dev)
         self.l_meta = torch.zeros((4, R), dtype=torch.int32, device=dev)   # tok_idx, blk_start, blk_end, blk_slot
         self.l_meta[3] = -1
-        self.l_y = torch.zeros((splits, R, r_cap), dtype=torch.float32, device=dev)
+        self.l_y = None  # the y workspace of the two-pass LoRA kernels and the reference (None: fused kernel)
+        if lora_ctx is not None:
+            self.l_y = lora_workspace(lora_ctx["backend"], lora_ctx["max_lora_rank"], max(lora_ctx["layout"].site_in),
+                                      1, R, r_cap, dev)
         self.version = -1
         self.any_lora = False
         self.all_greedy = True
         self.use_graphs = use_graphs
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.site_mask = (False,) * 4  # set by the engine from the adapter cache before each decode
-        self._graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None
+        self.graph_pool = torch.cuda.graph_pool_handle() if use_graphs else None  # shared with the prefill graphs
 
     # ---- host -> device updates ------------------------------------------------------------------------
 
@@ -79,50 +85,69 @@ class BatchState:
 
     # ---- decode ----------------------------------------------------------------------------------------
 
-    def _decode_forward(self, B: int, sites: tuple[bool, ...] | None) -> torch.Tensor:
-        """Logits (B, vocab) of rows [0, B); only device tensors, no host synchronisation (graph-safe)."""
+    def _decode_forward(self, B: int, sites: tuple[bool, ...] | None, greedy: bool) -> torch.Tensor:
+        """Rows [0, B): next tokens (B,) with the rows advanced if `greedy`, else float32 logits (B, vocab); only
+        device tensors, no host synchronisation (graph-safe)."""
         bs = self.kv.block_size
         pos = self.positions[:B]
         active = self.active[:B]
         tables = self.block_tables[:B]
-        block = tables.gather(1, (pos // bs)[:, None])[:, 0].to(torch.int64)
-        slot_mapping = torch.where(active, block * bs + pos % bs, pos % bs)  # idle rows write to scratch block 0
-        context_lens = torch.where(active, pos + 1, 0).to(torch.int32)
-        attn = AttnBatch(slot_mapping, block_tables=tables, context_lens=context_lens)
+        if self.model.use_triton:  # the attention kernel finds each row's slot and length in its block table
+            attn = AttnBatch(None, block_tables=tables, active=active)
+        else:
+            block = tables.gather(1, (pos // bs)[:, None])[:, 0].to(torch.int64)
+            slot_mapping = torch.where(active, block * bs + pos % bs, pos % bs)  # idle rows: scratch block 0
+            context_lens = torch.where(active, pos + 1, 0).to(torch.int32)
+            attn = AttnBatch(slot_mapping, block_tables=tables, context_lens=context_lens)
         ctx = None
         if sites is not None:
-            step = LoraStep(self.l_meta[0, :B], self.l_meta[1, :B], self.l_meta[2, :B], self.l_meta[3, :B],
-                            self.l_y[:, :B], self.block_t)
+            y = None if self.l_y is None else self.l_y[:, :B]
+            step = LoraStep(self.l_meta[0, :B], self.l_meta[1, :B], self.l_meta[2, :B], self.l_meta[3, :B], y,
+                            self.block_t)
             ctx = LoraContext(step=step, sites=sites, **self.lora_ctx)
         hidden = self.model.forward(self.tokens[:B], pos, self.kv, attn, ctx)
-        return self.model.logits(hidden)
+        if not greedy:
+            return self.model.logits(hidden)
+        nxt = (hidden @ self.model.w["lm_head"].t()).argmax(dim=-1)
+        self.advance(B, nxt)
+        return nxt
 
-    def decode_logits(self, B: int) -> torch.Tensor:
-        """Logits of rows [0, B), replaying the graph of (B, LoRA sites in use) if graphs are on."""
+    def decode(self, B: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One decode step of rows [0, B) (replaying the graph of (B, LoRA sites in use, greedy) if graphs are
+        on): returns the next tokens (B,) and advances the rows."""
         use = self.any_lora and self.lora_ctx is not None and any(self.site_mask)
-        key = (B, self.site_mask if use else None)
+        key = (B, self.site_mask if use else None, self.all_greedy)
         if not self.use_graphs:
-            return self._decode_forward(*key)
-        if key not in self.graphs:
-            self.capture(*key)
-        graph, out = self.graphs[key]
-        graph.replay()
-        return out
+            out = self._decode_forward(*key)
+        else:
+            if key not in self.graphs:
+                self.capture(*key)
+            graph, out = self.graphs[key]
+            graph.replay()
+        if self.all_greedy:
+            return out
+        nxt = sample(out, self.temperature[:B], self.top_p[:B], False, generator)
+        self.advance(B, nxt)
+        return nxt
 
-    def capture(self, B: int, sites: tuple[bool, ...] | None) -> None:
+    def capture(self, B: int, sites: tuple[bool, ...] | None, greedy: bool) -> None:
         """Record the decode step of batch size B (LoRA at `sites`, or none) as a CUDA graph, after warm-up runs
         that compile the kernels. The warm-up writes keys/values only where the step itself will write them (or
-        to the scratch block), so capturing while requests run is safe."""
+        to the scratch block) and the rows' tokens and positions are restored after each, so capturing while
+        requests run is safe."""
+        saved = self.tokens.clone(), self.positions.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._decode_forward(B, sites)
+                self._decode_forward(B, sites, greedy)
+                self.tokens.copy_(saved[0])
+                self.positions.copy_(saved[1])
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool):
-            out = self._decode_forward(B, sites)
-        self.graphs[(B, sites)] = (graph, out)
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            out = self._decode_forward(B, sites, greedy)
+        self.graphs[(B, sites, greedy)] = (graph, out)
 
     def advance(self, B: int, next_tokens: torch.Tensor) -> None:
         """After a decode step: each active row's next input is its sample, at the next position."""

@@ -31,11 +31,15 @@ from rankwise.serve.adapter_cache import AdapterCache, AdapterError
 from rankwise.serve.batch import BatchState
 from rankwise.serve.config import EngineConfig, SamplingParams
 from rankwise.serve.kv_cache import BlockAllocator, KVCache, blocks_needed
-from rankwise.serve.lora_batch import block_t_for, build_lora_step
-from rankwise.serve.model import AttnBatch, LlamaFamilyModel, LoraContext
+from rankwise.serve.lora_batch import block_t_for
+from rankwise.serve.model import LlamaFamilyModel
+from rankwise.serve.prefill import PrefillRunner
 from rankwise.serve.sampling import find_stop, sample
 from rankwise.serve.scheduler import Plan, Scheduler, Sequence, Status
 from rankwise.serve.transfer import to_device
+
+# LoRA site variants whose graphs warmup() captures: none, attention projections only, all four sites
+_SITE_VARIANTS = (None, (True, True, False, False), (True, True, True, True))
 
 
 class QueueFullError(RuntimeError):
@@ -132,14 +136,12 @@ class Engine:
         self._lora_common = dict(tables=self.adapters.tables, pool=self.adapters.pool, layout=self.layout,
                                  max_lora_rank=config.max_lora_rank, backend=lora_backend)
         use_graphs = cuda and config.cuda_graphs and attn_backend == "triton" and lora_backend == "triton"
-        splits = 1
-        if lora_backend == "triton":
-            from rankwise.serve.kernels.triton_lora import split_k
-
-            splits = split_k(max(self.layout.site_in), 1)
         self.batch = BatchState(self.model, self.kv, self._lora_common, config.max_num_seqs,
-                                blocks_needed(config.max_model_len, bs), self.block_t, self.r_cap, use_graphs, splits)
+                                blocks_needed(config.max_model_len, bs), self.block_t, self.r_cap, use_graphs)
         self.prefill_multiple = config.prefill_token_multiple or (64 if cuda else 1)
+        self.prefill = PrefillRunner(self.model, self.kv, self._lora_common, config.max_num_seqs,
+                                     config.max_num_batched_tokens, self.prefill_multiple, self.block_t, use_graphs,
+                                     self.batch.graph_pool)
         self.tokenizer = tokenizer
         if eos_token_ids is None:
             eos = getattr(hf_model.generation_config, "eos_token_id", None) if getattr(
@@ -259,24 +261,18 @@ class Engine:
             lens.append(n)
             seq.num_cached, seq.num_launched = n, len(seq.output_ids) + 1
             self.counters["prompt_tokens"] += n
-        pad = -len(ids) % self.prefill_multiple  # padding tokens: id 0 at position 0, written to scratch slot 0
-        ids, pos, slots, token_slots = ids + [0] * pad, pos + [0] * pad, slots + [0] * pad, token_slots + [-1] * pad
-        host = torch.tensor([ids, pos, slots], dtype=torch.int64)
-        inputs = to_device(host, dev)
-        step = build_lora_step(token_slots, self.block_t, self.r_cap, dev,
-                               max(self.layout.site_in) if self.lora_backend == "triton" else None)
-        lora = LoraContext(step=step, sites=self.adapters.site_mask(), **self._lora_common) if step is not None \
-            else None
         self.batch.set_rows([s.row for s in seqs], [s.blocks for s in seqs])
-        hidden = self.model.forward(inputs[0], inputs[1], self.kv, AttnBatch(inputs[2], prefill_lens=lens), lora)
-        meta = torch.tensor([[s.row for s in seqs], lens, list(itertools.accumulate(lens))], dtype=torch.int64)
-        meta = to_device(meta, dev)
-        logits = self.model.logits(hidden[meta[2] - 1])
-        params = to_device(torch.tensor([[s.params.temperature for s in seqs], [s.params.top_p for s in seqs]],
-                                        dtype=torch.float32), dev)
-        temps, top_p = params[0], params[1]
+        sites = self.adapters.site_mask() if any(s.slot >= 0 for s in seqs) else None
+        hidden = self.prefill.run(ids, pos, slots, lens, token_slots, sites)    # (len(seqs), hidden)
+        logits = self.model.logits(hidden)
+        meta = to_device(torch.tensor([[s.row for s in seqs], lens], dtype=torch.int64), dev)
         greedy = all(s.params.temperature == 0 for s in seqs)
-        nxt = sample(logits, temps, top_p, greedy, self.generator)
+        if greedy:
+            nxt = logits.argmax(dim=-1)
+        else:
+            params = to_device(torch.tensor([[s.params.temperature for s in seqs], [s.params.top_p for s in seqs]],
+                                            dtype=torch.float32), dev)
+            nxt = sample(logits, params[0], params[1], False, self.generator)
         self.batch.start_rows(meta[0], nxt, meta[1])
         return self._finish_launch("prefill", [(s, s.epoch, i) for i, s in enumerate(seqs)], nxt)
 
@@ -284,9 +280,7 @@ class Engine:
         self.batch.sync(self.scheduler)
         self.batch.site_mask = self.adapters.site_mask()
         B = next(b for b in self.config.buckets() if b > self.scheduler.max_row())
-        logits = self.batch.decode_logits(B)
-        nxt = sample(logits, self.batch.temperature[:B], self.batch.top_p[:B], self.batch.all_greedy, self.generator)
-        self.batch.advance(B, nxt)
+        nxt = self.batch.decode(B, self.generator)   # (B,) next tokens; the rows advanced on the device
         for seq in seqs:
             seq.num_cached += 1
             seq.num_launched += 1
@@ -389,33 +383,22 @@ class Engine:
                 self.adapters.release(name)
 
     def warmup(self) -> None:
-        """Before serving: capture the decode CUDA graphs of every batch size, and run a prefill of every padded
-        size (cuBLAS settles its algorithm per shape) and with LoRA (Triton compiles its kernel variants), so that
-        no request pays for it."""
+        """Before serving: capture the CUDA graphs of every prefill size and decode batch size, with no LoRA, LoRA
+        on q/k/v/o and LoRA on all sites, greedy and sampled decode (Triton compiles its kernels, cuBLAS settles
+        its algorithms), so that no request pays for it."""
         if self.device.type != "cuda":
             return
         self._warm_prefill()
         if self.batch.use_graphs:
             for b in self.config.buckets():
-                for sites in (None, (True, True, False, False), (True,) * 4):
-                    self.batch.capture(b, sites)
+                for sites in _SITE_VARIANTS:
+                    for greedy in (True, False):
+                        self.batch.capture(b, sites, greedy)
         torch.cuda.synchronize()
 
     def _warm_prefill(self) -> None:
-        step_sizes = range(self.prefill_multiple, self.config.max_num_batched_tokens + 1, self.prefill_multiple)
-        sizes = list(step_sizes) or [self.prefill_multiple]
-        dev = self.device
-        for T in sizes:
-            ids = torch.zeros(T, dtype=torch.int64, device=dev)
-            lora = None
-            if T in (self.prefill_multiple, sizes[-1]) and self.lora_backend == "triton":
-                # slot 0 with a block of every 16 tokens: the kernels run (and compile) but the empty tables
-                # make them return at once; the step's outputs go to the scratch block and are dropped
-                step = build_lora_step([0] * T, self.block_t, self.r_cap, dev, max(self.layout.site_in))
-                lora = LoraContext(step=step, sites=(True,) * 4, **self._lora_common)
-                if self.adapters.resident_count():
-                    lora = None  # tables in use: skip rather than run real adapters on scratch tokens
-            self.model.forward(ids, ids, self.kv, AttnBatch(ids, prefill_lens=[T]), lora)
+        lora = self.lora_backend == "triton" and not self.adapters.resident_count()  # tables in use: skip LoRA
+        self.prefill.warm(list(_SITE_VARIANTS) if lora else [None])
 
     def stats(self) -> dict:
         s = self.scheduler

@@ -10,6 +10,10 @@ of tokens:
     prefill: tokens of whole prompts back to back; causal attention within each prompt
     decode:  one token per batch row; paged attention over the row's cached tokens
 
+On the GPU path a decode layer's rotary embedding, cache write and attention are one kernel
+(`paged_decode_attention_rope`), and prefill attention is one varlen kernel over the whole step
+(`prefill_attention`), so that a step's kernels depend on its token count only (CUDA graphs, `prefill.py`).
+
 Per layer, with x: (T, hidden):
     h = rms(x) ;  qkv = h W_qkv^T (+ LoRA) (+ b) ;  q, k <- rope(q, k) ;  cache <- k, v ;  a = attn(q, cache)
     x = x + a W_o^T (+ LoRA) ;  h = rms(x) ;  g, u = h W_gu^T (+ LoRA) ;  x = x + (act(g) * u) W_d^T (+ LoRA)
@@ -17,6 +21,7 @@ Per layer, with x: (T, hidden):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -75,13 +80,27 @@ def spec_from_config(cfg) -> ModelSpec:
 @dataclass
 class AttnBatch:
     """How the step's tokens attend. slot_mapping: (T,) int64 cache slots the new keys/values go to.
-    Prefill: prefill_lens (python ints) split the tokens into prompts; tokens past their sum are padding. Decode: block_tables (B, max_blocks)
-    int32 and context_lens (B,) int32 (0 for a padded row)."""
+    Prefill: prefill_lens (python ints) split the tokens into prompts, tokens past their sum are padding; the GPU
+    path reads the same split from seq_start (T,) int32 (`seq_starts`; derived from prefill_lens when absent).
+    Decode: block_tables (B, max_blocks) int32 and context_lens (B,) int32 = positions + 1 (0 for a padded row);
+    the GPU path reads active (B,) bool instead and computes the slots and lengths from the block table itself
+    (slot_mapping and context_lens may then be None)."""
 
-    slot_mapping: torch.Tensor
+    slot_mapping: torch.Tensor | None
     prefill_lens: list[int] | None = None
     block_tables: torch.Tensor | None = None
     context_lens: torch.Tensor | None = None
+    seq_start: torch.Tensor | None = None
+    active: torch.Tensor | None = None
+
+
+def seq_starts(lens: list[int], total: int) -> list[int]:
+    """Index of the first token of each token's prompt, for prompts of `lens` back to back and padding up to
+    `total` (each padding token a prompt of its own)."""
+    out: list[int] = []
+    for n in lens:
+        out += [len(out)] * n
+    return out + list(range(len(out), total))
 
 
 @dataclass
@@ -185,10 +204,27 @@ class LlamaFamilyModel:
         bias = self.w.get(f"{layer}.{key}_b")
         return out if bias is None else out + bias
 
+    def _attend(self, layer: int, qkv: torch.Tensor, positions: torch.Tensor, kv: KVCache,
+                attn: AttnBatch) -> torch.Tensor:
+        """Rotary, cache write and attention of the step's new tokens: qkv (T, q_out + 2 kv_out) -> (T, q_out)."""
+        if self.use_triton and attn.block_tables is not None:
+            from rankwise.serve.kernels.triton_attention import paged_decode_attention_rope
+
+            active = attn.active if attn.active is not None else attn.context_lens > 0
+            o = paged_decode_attention_rope(qkv, self.cos, self.sin, positions, active, kv.k[layer], kv.v[layer],
+                                            attn.block_tables, self.scale, self.spec.num_heads)
+            return o.reshape(qkv.shape[0], -1)
+        q, k, v = self._rope_and_store(layer, qkv, positions, kv, attn)
+        return self._attention(layer, q, k, v, kv, attn)
+
     def _attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVCache,
                    attn: AttnBatch) -> torch.Tensor:
         """q: (T, H, D), k, v: (T, H_kv, D) of the new tokens (already in the cache) -> (T, H * D)."""
         T = q.shape[0]
+        if self.use_triton and attn.seq_start is not None:
+            from rankwise.serve.kernels.triton_attention import prefill_attention
+
+            return prefill_attention(q, k, v, attn.seq_start, self.scale).reshape(T, -1)
         if attn.prefill_lens is not None:
             outs = []
             start = 0
@@ -247,11 +283,13 @@ class LlamaFamilyModel:
                 lora: LoraContext | None = None) -> torch.Tensor:
         """input_ids, positions: (T,) -> hidden states (T, hidden) after the final norm."""
         s = self.spec
+        if self.use_triton and attn.prefill_lens is not None and attn.seq_start is None:
+            starts = torch.tensor(seq_starts(attn.prefill_lens, input_ids.shape[0]), dtype=torch.int32)
+            attn = dataclasses.replace(attn, seq_start=starts.to(input_ids.device))
         h, residual = self._add_norm(self.w["embed"][input_ids], None, "0.ln1")   # (T, hidden)
         for i in range(s.num_layers):
             qkv = self._linear(h, i, 0, "qkv", lora)                     # (T, q_out + 2 kv_out)
-            q, k, v = self._rope_and_store(i, qkv, positions, kv, attn)
-            a = self._attention(i, q, k, v, kv, attn)                    # (T, q_out)
+            a = self._attend(i, qkv, positions, kv, attn)                # (T, q_out)
             h, residual = self._add_norm(self._linear(a, i, 1, "o", lora), residual, f"{i}.ln2")
             gu = self._linear(h, i, 2, "gu", lora)                       # (T, 2 intermediate)
             if self.use_triton and s.hidden_act == "silu":

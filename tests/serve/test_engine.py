@@ -69,6 +69,25 @@ def test_padded_prefill_steps_give_the_same_tokens(adapter_dir, peft_reference):
     assert [o.output_ids for o in outs] == expected[:5]
 
 
+def test_triton_attention_path_in_the_engine():
+    # what the GPU runs (prefill through the varlen kernel on a padded buffer, decode through the rotary + cache +
+    # attention kernel that finds slots in the block table) gives the reference path's greedy tokens (head_dim 16)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def run(backend):
+        torch.manual_seed(0)
+        hf = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=64)).eval()
+        cfg = EngineConfig(max_num_seqs=3, block_size=4, max_model_len=64, max_num_batched_tokens=40,
+                           attention_backend=backend, prefill_token_multiple=16)
+        engine = Engine(hf, cfg, eos_token_ids=())
+        return [o.output_ids for o in engine.generate([Request(p, None, SamplingParams(max_tokens=5))
+                                                       for p in _prompts(4, lo=3, hi=20)])]
+
+    assert run("triton") == run("reference")
+
+
 def test_preemption_and_tiny_adapter_pool_keep_outputs_exact(adapter_dir, peft_reference):
     # 17 KV blocks of 4 tokens for 6 rows of up to 22 tokens: rows are preempted and recomputed; 2 device slots
     # for 4 adapters: adapters are evicted and reloaded between requests.

@@ -6,8 +6,14 @@ import torch
 
 pytest.importorskip("triton")
 
-from rankwise.serve.kernels.reference import lora_expand_ref, lora_shrink_ref, paged_decode_attention_ref
+from rankwise.serve.kernels.reference import (
+    lora_expand_ref,
+    lora_shrink_ref,
+    paged_decode_attention_ref,
+    prefill_attention_ref,
+)
 from rankwise.serve.lora_batch import plan_blocks
+from rankwise.serve.model import _rotate_half
 
 
 def _pool_case(K, parts, ranks, dora, dtype, device, seed=0):
@@ -44,8 +50,9 @@ def _pool_case(K, parts, ranks, dora, dtype, device, seed=0):
     return t(pool), t(offA), t(rankA), t(offB), t(rankB), t(r0), t(scale.contiguous()), t(offG)
 
 
-def _run_lora(T, K, parts, ranks, token_slots, block_t, dtype, device, dora=True, split=None):
-    from rankwise.serve.kernels.triton_lora import lora_expand, lora_shrink, split_k
+def _run_lora(T, K, parts, ranks, token_slots, block_t, dtype, device, dora=True, split=None, fused=None):
+    """Triton against the reference on one site. fused: None (two passes) or the fused kernel's launch options."""
+    from rankwise.serve.kernels.triton_lora import lora_expand, lora_fused, lora_shrink, split_k
 
     pool, offA, rankA, offB, rankB, r0, scale, offG = _pool_case(K, parts, ranks, dora, dtype, device)
     cols = tuple([0] + list(torch.tensor(parts).cumsum(0).tolist()))
@@ -61,7 +68,11 @@ def _run_lora(T, K, parts, ranks, token_slots, block_t, dtype, device, dora=True
     lora_shrink_ref(x, pool, y_r, *meta, offA, rankA)
     out0 = torch.randn(T, cols[-1], generator=g).to(device, dtype)
     out_k, out_r = out0.clone(), out0.clone()
-    lora_expand(y_k, out_k, pool, *meta, cols, offB, rankB, r0, scale, offG, split=split, block_t=block_t)
+    if fused is None:
+        lora_expand(y_k, out_k, pool, *meta, cols, offB, rankB, r0, scale, offG, split=split, block_t=block_t)
+    else:
+        lora_fused(x, out_k, pool, *meta, cols, offA, offB, rankB, r0, scale, offG,
+                   max_rank=max(max(r) for r in ranks), block_t=block_t, **fused)
     lora_expand_ref(y_r, out_r, pool, *meta, cols, offB, rankB, r0, scale, offG)
     used = torch.tensor([s >= 0 for s in token_slots], device=device)
     return y_k.sum(0), y_r, out_k, out_r, out0, used
@@ -85,6 +96,20 @@ def test_lora_kernels_match_reference_interpreter(dtype, split):
     assert (out_r.float() - out0.float()).abs().max() > 0.1, "the adapters must change the output"
 
 
+@pytest.mark.parametrize("dtype,fused", [(torch.float32, dict(columns=16, block_k=16)),
+                                         (torch.float32, dict(columns=64, block_k=32)), (torch.bfloat16, {})])
+def test_fused_lora_kernel_matches_reference_interpreter(dtype, fused):
+    # the same site and tokens as above; columns=16: several programs per part, each recomputing the part's y
+    ranks = [[4, 2, 0], [16, 8, 8], [1, 0, 3], [0, 0, 0]]
+    slots = [0, 1, 1, -1, 2, 0, 1, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2]
+    _, _, out_k, out_r, out0, used = _run_lora(len(slots), 48, (32, 16, 16), ranks, slots, 16, dtype, "cpu",
+                                               fused=fused)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out_k.float(), out_r.float(), atol=tol * 10, rtol=tol)
+    assert torch.equal(out_k[~used], out0[~used]), "tokens without an adapter must be left untouched"
+    assert (out_r.float() - out0.float()).abs().max() > 0.1, "the adapters must change the output"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_attention_matches_reference_interpreter(dtype):
     from rankwise.serve.kernels.triton_attention import paged_decode_attention
@@ -101,6 +126,78 @@ def test_paged_attention_matches_reference_interpreter(dtype):
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
     assert torch.all(out[1] == 0)
+
+
+def _rope_decode_case(device, dtype, B, H, Hkv, D, bs, NB, max_ctx, seed=0):
+    """Decode rows with cached tokens and one new token each: the fused rotary + cache write + attention against
+    the PyTorch rotary (the model's reference path), the cache write and `paged_decode_attention_ref`."""
+    from rankwise.serve.kernels.triton_attention import paged_decode_attention_rope
+
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(device, dtype)
+    qkv, cos, sin = r(B, (H + 2 * Hkv) * D), r(max_ctx, D), r(max_ctx, D)
+    k_cache, v_cache = r(NB, bs, Hkv, D), r(NB, bs, Hkv, D)
+    nblk = (max_ctx + bs - 1) // bs
+    tables = torch.randperm(NB - 1, generator=g)[: B * nblk].add(1).view(B, nblk).to(device, torch.int32)
+    pos = torch.randint(0, max_ctx, (B,), generator=g).to(device)
+    pos[0] = 0
+    active = torch.ones(B, dtype=torch.bool, device=device)
+    active[1] = False  # an idle row: context 0, writes to the scratch block 0
+    block = tables.gather(1, (pos // bs)[:, None])[:, 0].long()
+    slots = torch.where(active, block * bs + pos % bs, pos % bs)
+    lens = torch.where(active, pos + 1, 0).to(torch.int32)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = paged_decode_attention_rope(qkv, cos, sin, pos, active, kc, vc, tables, D ** -0.5, H)
+    c, s = cos[pos][:, None], sin[pos][:, None]
+    q = qkv[:, : H * D].view(B, H, D)
+    k = qkv[:, H * D: (H + Hkv) * D].view(B, Hkv, D)
+    q, k = q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+    k_cache.view(-1, Hkv, D)[slots] = k
+    v_cache.view(-1, Hkv, D)[slots] = qkv[:, (H + Hkv) * D:].view(B, Hkv, D)
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, D ** -0.5)
+    return out, ref, (kc, vc), (k_cache, v_cache)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_with_rope_matches_reference_interpreter(dtype):
+    out, ref, (kc, vc), (k_ref, v_ref) = _rope_decode_case("cpu", dtype, B=4, H=8, Hkv=2, D=16, bs=4, NB=100,
+                                                           max_ctx=90)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(kc.float(), k_ref.float(), atol=tol, rtol=tol)  # the new keys / values stored
+    torch.testing.assert_close(vc, v_ref, atol=0, rtol=0)
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+    assert torch.all(out[1] == 0), "an idle row gives zeros"
+
+
+def _prefill_case(device, dtype, lens, H, Hkv, D, pad):
+    from rankwise.serve.kernels.triton_attention import prefill_attention
+
+    g = torch.Generator().manual_seed(0)
+    T = sum(lens) + pad
+    q = torch.randn(T, H, D, generator=g).to(device, dtype)
+    kv = torch.randn(T, 2 * Hkv * D, generator=g).to(device, dtype)  # strided rows, as views of the fused qkv
+    k, v = kv[:, : Hkv * D].view(T, Hkv, D), kv[:, Hkv * D:].view(T, Hkv, D)
+    starts = [s for i, n in enumerate(lens) for s in [sum(lens[:i])] * n] + list(range(sum(lens), T))
+    seq_start = torch.tensor(starts, dtype=torch.int32, device=device)
+    out = prefill_attention(q, k, v, seq_start, D ** -0.5)
+    ref = prefill_attention_ref(q, k, v, seq_start, D ** -0.5)
+    # and the reference against SDPA, prompt by prompt (what the model's CPU path runs)
+    s0 = 0
+    for n in lens:
+        sd = torch.nn.functional.scaled_dot_product_attention(
+            q[s0: s0 + n].transpose(0, 1)[None].float(), k[s0: s0 + n].transpose(0, 1)[None].float(),
+            v[s0: s0 + n].transpose(0, 1)[None].float(), is_causal=True, scale=D ** -0.5, enable_gqa=True)
+        torch.testing.assert_close(ref[s0: s0 + n].float(), sd[0].transpose(0, 1), atol=2e-2, rtol=2e-2)
+        s0 += n
+    return out, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_attention_matches_reference_interpreter(dtype):
+    # prompts that start mid-tile and span tiles (BLOCK 64 for D <= 64), then 3 padding tokens
+    out, ref = _prefill_case("cpu", dtype, [5, 70, 1, 60], H=4, Hkv=2, D=16, pad=3)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
 def test_launchers_reject_bad_inputs():
@@ -125,14 +222,16 @@ def test_launchers_reject_bad_inputs():
 # ---- real sizes on the GPU -------------------------------------------------------------------------------
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("site", ["qkv", "gate_up", "down"])
-def test_lora_kernels_real_sizes_gpu(site):
+def test_lora_kernels_real_sizes_gpu(site, fused):
     # Llama-3.2-1B: hidden 2048, kv 512, intermediate 8192; 32 decode rows of mixed adapters + a 300-token prefill
     K, parts = {"qkv": (2048, (2048, 512, 512)), "gate_up": (2048, (8192, 8192)), "down": (8192, (2048,))}[site]
     cycle = [8, 16, 32, 64]
     ranks = [[cycle[(s + p) % 4] for p in range(len(parts))] for s in range(40)]
     slots = [s % 40 for s in range(32)] + [-1] * 3 + [7] * 300
-    _, _, out_k, out_r, out0, used = _run_lora(len(slots), K, parts, ranks, slots, 16, torch.bfloat16, "cuda")
+    _, _, out_k, out_r, out0, used = _run_lora(len(slots), K, parts, ranks, slots, 16, torch.bfloat16, "cuda",
+                                               fused={} if fused else None)
     # bf16 outputs: y is rounded to bf16 before the expand, so a 1-ulp flip of y can move an output by ~1%
     err = (out_k.float() - out_r.float()).abs()
     assert err.max() <= 0.02 * out_r.float().abs().max() and err.mean() <= 1e-3 * out_r.float().abs().max()
@@ -151,4 +250,19 @@ def test_paged_attention_real_sizes_gpu():
     lens = torch.randint(1, 1024, (B,), device="cuda", dtype=torch.int32)
     out = paged_decode_attention(q, k, v, tables, lens, D ** -0.5)
     ref = paged_decode_attention_ref(q, k, v, tables, lens, D ** -0.5)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_decode_attention_with_rope_real_sizes_gpu():
+    out, ref, (kc, vc), (k_ref, v_ref) = _rope_decode_case("cuda", torch.bfloat16, B=32, H=32, Hkv=8, D=64, bs=16,
+                                                           NB=2100, max_ctx=1024)
+    torch.testing.assert_close(kc.float(), k_ref.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(vc, v_ref, atol=0, rtol=0)
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_prefill_attention_real_sizes_gpu():
+    out, ref = _prefill_case("cuda", torch.bfloat16, [300, 17, 512, 1, 200], H=32, Hkv=8, D=64, pad=50)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)

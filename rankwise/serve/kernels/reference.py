@@ -18,6 +18,7 @@ where `out` holds the base output without bias (DoRA: W' x = g * (W0 x + s B A x
 No adapter is padded to another's rank: each reads exactly its own rows.
 
 Paged decode attention: one query token per sequence over its cached keys/values, found through a block table.
+Prefill attention: the prompts of a step back to back, each token attending causally within its own prompt.
 """
 
 from __future__ import annotations
@@ -109,3 +110,22 @@ def paged_decode_attention_ref(
         att = torch.softmax(att, dim=-1)
         out[b] = (att @ v.float())[:, 0, :].to(q.dtype)
     return out
+
+
+def prefill_attention_ref(
+    q: torch.Tensor,          # (T, H, D)
+    k: torch.Tensor,          # (T, H_kv, D)
+    v: torch.Tensor,          # (T, H_kv, D)
+    seq_start: torch.Tensor,  # (T,) int32: index of the first token of token t's prompt
+    scale: float,
+) -> torch.Tensor:            # (T, H, D)
+    """out[t] = softmax(q[t] k[j]^T * scale over j in [seq_start[t], t]) v."""
+    T, H, D = q.shape
+    group = H // k.shape[1]
+    j = torch.arange(T, device=q.device)
+    seen = (j[None, :] >= seq_start.long()[:, None]) & (j[None, :] <= j[:, None])          # (T, T)
+    kk = k.float().repeat_interleave(group, dim=1).transpose(0, 1)                          # (H, T, D)
+    vv = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    att = (q.float().transpose(0, 1) @ kk.transpose(1, 2)) * scale                          # (H, T, T)
+    att = torch.softmax(att.masked_fill(~seen, float("-inf")), dim=-1)
+    return (att @ vv).transpose(0, 1).to(q.dtype)

@@ -63,6 +63,14 @@ def add_rms(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
 
 
 @triton.jit
+def rope_rows(x, x_rot, sign, cos, sin, DT: tl.constexpr):
+    """x cos + rot(x) sin, rounded to DT after each product and the sum as eager PyTorch rounds. x, x_rot: (.., D)
+    loaded at d and at (d + D/2) mod D; sign: (D,) -1 for the first half; cos, sin: (1, D) float32."""
+    xr = (x_rot.to(tl.float32) * sign[None, :]).to(DT)
+    return ((x.to(tl.float32) * cos).to(DT).to(tl.float32) + (xr.to(tl.float32) * sin).to(DT).to(tl.float32)).to(DT)
+
+
+@triton.jit
 def _rope_kv_kernel(
     qkv_ptr,      # (T, (H + 2 H_kv) D)
     cos_ptr,      # (max_pos, D)
@@ -91,16 +99,14 @@ def _rope_kv_kernel(
     # queries: heads [0, H)
     mq = offs_h[:, None] < H
     x = tl.load(row + offs_h[:, None] * D + offs_d[None, :], mask=mq, other=0.0)
-    xr = tl.load(row + offs_h[:, None] * D + rot_d[None, :], mask=mq, other=0.0).to(tl.float32) * sign[None, :]
-    xr = xr.to(dt)
-    q = ((x.to(tl.float32) * cos).to(dt).to(tl.float32) + (xr.to(tl.float32) * sin).to(dt).to(tl.float32)).to(dt)
+    xr = tl.load(row + offs_h[:, None] * D + rot_d[None, :], mask=mq, other=0.0)
+    q = rope_rows(x, xr, sign, cos, sin, dt)
     tl.store(q_ptr + t * H * D + offs_h[:, None] * D + offs_d[None, :], q, mask=mq)
     # keys: heads [H, H + H_kv), rotated; values: [H + H_kv, H + 2 H_kv), copied
     mk = offs_h[:, None] < HKV
     x = tl.load(row + (H + offs_h[:, None]) * D + offs_d[None, :], mask=mk, other=0.0)
-    xr = tl.load(row + (H + offs_h[:, None]) * D + rot_d[None, :], mask=mk, other=0.0).to(tl.float32) * sign[None, :]
-    xr = xr.to(dt)
-    k = ((x.to(tl.float32) * cos).to(dt).to(tl.float32) + (xr.to(tl.float32) * sin).to(dt).to(tl.float32)).to(dt)
+    xr = tl.load(row + (H + offs_h[:, None]) * D + rot_d[None, :], mask=mk, other=0.0)
+    k = rope_rows(x, xr, sign, cos, sin, dt)
     tl.store(k_ptr + t * HKV * D + offs_h[:, None] * D + offs_d[None, :], k, mask=mk)
     tl.store(kc_ptr + slot * HKV * D + offs_h[:, None] * D + offs_d[None, :], k, mask=mk)
     v = tl.load(row + (H + HKV + offs_h[:, None]) * D + offs_d[None, :], mask=mk, other=0.0)
