@@ -90,6 +90,8 @@ class TrainConfig:
     grad_clip: float | None = field(default=1.0, **_help("clip the gradient norm to this value (none: off)"))
     seed: int = field(default=0, **_help("seed for initialisation, data order and dropout"))
     threads: int | None = field(default=None, **_help("torch CPU threads (default: torch's choice)"))
+    device: str = field(default="auto", **_help("where a one-process run trains: auto (the GPU when there is one), "
+                                                "cpu, cuda or cuda:N; under torchrun each process takes its GPU"))
 
     # ---- evaluation, logging, checkpoints --------------------------------------------------------------
     eval_every: int = field(default=0, **_help("evaluate every N steps (0: only at the end)"))
@@ -120,6 +122,9 @@ class TrainConfig:
         base_init = self.init.partition("_niter_")[0]
         _require(base_init in available_initializers(), "init", self.init,
                  f"one of {available_initializers()} (or pissa_niter_<k>)")
+        _require(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:")
+                                                             and self.device[5:].isdigit()),
+                 "device", self.device, "auto, cpu, cuda or cuda:N")
         Budget.parse(self.budget, min_rank=self.min_rank, max_rank=self.max_rank)  # raises with the fix
         for name in ("max_length", "batch_size", "eval_batch_size"):
             _require(getattr(self, name) > 0, name, getattr(self, name), "an integer > 0")

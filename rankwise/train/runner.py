@@ -194,6 +194,15 @@ def interrupt_flag() -> Iterator[dict[str, bool]]:
             signal.signal(signal.SIGINT, previous)
 
 
+def resolve_device(name: str) -> torch.device:
+    """`TrainConfig.device` of a one-process run: auto is the current GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but torch sees no GPU (torch {torch.__version__}); use device=cpu or auto.")
+    return torch.device(name)
+
+
 class Run:
     """The state of one training run (see the module docstring for the order of things)."""
 
@@ -213,6 +222,7 @@ class Run:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
         self.env = init_distributed()  # launched by torchrun / accelerate: one process per GPU
+        self.device = self.env.device if self.env.distributed else resolve_device(cfg.device)
         self.effective_batch = cfg.batch_size * cfg.grad_accum * self.env.world_size  # examples per optimizer step
         self.parallel = ParallelConfig(strategy=os.environ.get("RANKWISE_STRATEGY", "auto"))
         self.task: Task = make_task(cfg)
@@ -240,7 +250,9 @@ class Run:
         if self.env.distributed:  # DDP: a replica per GPU; FSDP moves its shards there itself
             if self.parallel.resolved_strategy() == "ddp":
                 self.model.to(self.env.device)
-            bridge_device(self.model)  # calibration / evaluation batches follow the model to its device
+        else:
+            self.model.to(self.device)
+        bridge_device(self.model)  # calibration / evaluation batches follow the model to its device
         self.stream = DataStream(self.train_examples, self.effective_batch, cfg.seed)
         per_epoch = math.ceil(len(self.train_examples) / self.effective_batch)
         self.total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * per_epoch))
@@ -292,7 +304,7 @@ class Run:
         parts = min(self.cfg.grad_accum, len(mine))
         batches = [self.task.collate(shard_batch(mine, i, parts, uneven=True, parts="micro-batches"))
                    for i in range(parts)]
-        return [to_device(b, self.env.device) for b in batches] if self.env.distributed else batches
+        return [to_device(b, self.device) for b in batches]
 
     def calibration_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """A fixed sample of training batches for data-driven methods (independent of the training order):

@@ -208,3 +208,15 @@ def test_flags_reach_the_config(cls_model_dir, sst_files):
                             "--precision", "bf16", "--gradient-checkpointing"])
     cfg = TrainConfig.from_sources(None, flags_from_namespace(ns))
     assert (cfg.grad_accum, cfg.precision, cfg.gradient_checkpointing) == (4, "bf16", True)
+
+
+def test_device_is_validated_and_a_missing_gpu_named():
+    from rankwise.train.runner import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="auto, cpu, cuda or cuda:N"):
+        TrainConfig(model="m", train_file="t.tsv", device="gpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="use device=cpu or auto"):
+            resolve_device("cuda:0")
