@@ -204,6 +204,7 @@ def serve_main() -> None:
         prefill_attention,
     )
     from rankwise.serve.kernels.triton_fused import add_rms, rope_kv, silu_mul
+    from rankwise.serve.kernels.triton_sampling import greedy_advance
     from rankwise.serve.lora_batch import plan_blocks
     from rankwise.serve.model import seq_starts
 
@@ -221,53 +222,39 @@ def serve_main() -> None:
         rows.append({"kernel": kernel, "case": case, "config": config, "us": 1e3 * t})
         print(f"{kernel:<34} {case:<26} {config:<34} {1e3 * t:>9.1f} us", flush=True)
 
-    # LoRA at one site against the two-pass kernels: decode (32 rows of 32 distinct adapters, or of 1 adapter) and
-    # prefill (one adapter per prompt), over a few launch shapes of the fused kernel (columns, block_k, num_warps)
-    decode_cfgs = [(256, 128, 4), (512, 128, 4), (512, 256, 4), (1024, 128, 4), (512, 128, 8)]
-    prefill_cfgs = [(1024, 64, 4), (4096, 64, 4), (1024, 128, 8), (4096, 64, 8)]
-    plan = [("qkv", "decode 32 adapters", [s for s in range(32)], decode_cfgs, (16,)),
-            ("o", "decode 32 adapters", [s for s in range(32)], decode_cfgs, (16,)),
-            ("qkv", "decode 1 adapter", [0] * 32, decode_cfgs[:2], (16,)),
-            ("qkv", "prefill 300 tok, 1 adapter", [5] * 300, prefill_cfgs, (16, 64)),
-            ("o", "prefill 300 tok, 1 adapter", [5] * 300, prefill_cfgs, (16, 64)),
-            ("qkv", "prefill 2048 tok, 4 adapters", [s for s in range(4) for _ in range(512)], prefill_cfgs[:2],
-             (16, 64)),
-            ("gate_up", "decode 32 adapters", [s for s in range(32)], decode_cfgs[:2], (16,)),
-            ("down", "decode 32 adapters", [s for s in range(32)], decode_cfgs[:2], (16,))]
+    # LoRA at one site over the launch shapes `tune_launch` chooses among: decode (32 rows of 32 distinct adapters,
+    # or of 1 adapter) and prefill (one adapter per prompt, the engine's padded block count)
+    shapes = [tlora.LoraLaunch(8), tlora.LoraLaunch(8, 32), tlora.LoraLaunch(16), tlora.LoraLaunch(4),
+              tlora.LoraLaunch(8, 16, 64, 128), tlora.LoraLaunch(8, 16, 32, 256), tlora.LoraLaunch(1)]
+    plan = [("qkv", "decode 32 adapters", list(range(32))), ("o", "decode 32 adapters", list(range(32))),
+            ("qkv", "decode 1 adapter", [0] * 32), ("qkv", "prefill 300 tok, 1 adapter", [5] * 300),
+            ("o", "prefill 300 tok, 1 adapter", [5] * 300),
+            ("qkv", "prefill 2048 tok, 4 adapters", [s for s in range(4) for _ in range(512)]),
+            ("gate_up", "decode 32 adapters", list(range(32))), ("down", "decode 32 adapters", list(range(32)))]
     sites = {"qkv": (2048, (2048, 512, 512)), "o": (2048, (2048,)), "gate_up": (2048, (8192, 8192)),
              "down": (8192, (2048,))}
     pools = {}
-    for site, case, slots, cfgs, block_ts in plan:
+    for site, case, slots in plan:
         K, parts = sites[site]
         pool, tb = pools.setdefault(site, lora_site(K, parts, 40))
         cols = tuple([0] + list(torch.tensor(parts).cumsum(0).tolist()))
         T = len(slots)
         x = torch.randn(T, K, device=dev, dtype=dt)
         out = torch.randn(T, cols[-1], device=dev, dtype=dt)
-        for block_t in block_ts:
-            nb = T // block_t + 32
-            order, st, en, sl = plan_blocks(slots, block_t, num_blocks=nb)
-            meta = [torch.tensor(a, dtype=torch.int32, device=dev) for a in (order, st, en, sl)]
-            if block_t == 16:
-                split = tlora.split_k(K, nb)
-                y = torch.empty(split, T, 3 * 64, device=dev)
+        nb = T if case.startswith("decode") else T // 16 + 32  # the engine's decode rows / padded prefill blocks
+        order, st, en, sl = plan_blocks(slots, 16, num_blocks=nb)
+        meta = [torch.tensor(a, dtype=torch.int32, device=dev) for a in (order, st, en, sl)]
+        y = torch.empty(64, T, 3 * 64, device=dev)  # room for every split below
+        for c in shapes + [tlora.default_launch(K, nb)]:
+            split = c.split * K // 2048 if c.split > 1 else 1  # the same K per program for K = 8192
 
-                def two_pass():
-                    tlora.lora_shrink(x, pool, y, *meta, tb["offA"], tb["rankA"], max_rank=len(parts) * 64,
-                                      split=split, block_t=16)
-                    tlora.lora_expand(y, out, pool, *meta, cols, tb["offB"], tb["rankB"], tb["r0"], tb["scale"],
-                                      tb["offG"], split=split, block_t=16)
-                add(f"lora {site} two-pass", case, f"split={split}", graph_ms(two_pass))
-            for columns, block_k, warps in cfgs:
-                fn = lambda: tlora.lora_fused(x, out, pool, *meta, cols, tb["offA"], tb["offB"], tb["rankB"],
-                                              tb["r0"], tb["scale"], tb["offG"], max_rank=64, block_t=block_t,
-                                              columns=columns, block_k=block_k, num_warps=warps)
-                try:
-                    t = graph_ms(fn)
-                except Exception as exc:  # a launch shape that does not compile (shared memory): skip it
-                    print(f"  skip {columns, block_k, warps}: {type(exc).__name__}: {exc}"[:200], flush=True)
-                    continue
-                add(f"lora {site} fused", case, f"bt={block_t} cols={columns} bk={block_k} w={warps}", t)
+            def both():
+                tlora.lora_shrink(x, pool, y, *meta, tb["offA"], tb["rankA"], max_rank=len(parts) * 64, split=split,
+                                  block_r=c.shrink_block_r)
+                tlora.lora_expand(y, out, pool, *meta, cols, tb["offB"], tb["rankB"], tb["r0"], tb["scale"],
+                                  tb["offG"], split=split, block_r=c.expand_block_r, block_n=c.expand_block_n)
+            add(f"lora {site} shrink+expand", case, f"split={split} br={c.shrink_block_r} "
+                f"ex=({c.expand_block_r},{c.expand_block_n})", graph_ms(both))
     del pools
     torch.cuda.empty_cache()
     save(rows)
@@ -306,6 +293,10 @@ def serve_main() -> None:
     qkv = torch.randn(B, (H + 2 * Hkv) * D, device=dev, dtype=dt)
     tables = torch.randperm(NB - 1, device=dev)[: B * 64].add(1).view(B, 64).to(torch.int32)
     active = torch.ones(B, dtype=torch.bool, device=dev)
+    greedy_logits = torch.randn(B, vocab, device=dev, dtype=dt)
+    tok, posb = torch.zeros(B, dtype=torch.int64, device=dev), torch.zeros(B, dtype=torch.int64, device=dev)
+    add("argmax (torch)", "B=32 bf16", "-", graph_ms(lambda: greedy_logits.argmax(-1)))
+    add("greedy_advance (Triton)", "B=32 bf16", "-", graph_ms(lambda: greedy_advance(greedy_logits, tok, posb, active)))
     for ctx in (192, 1024):
         pos = torch.full((B,), ctx - 1, dtype=torch.int64, device=dev)
         lens = (pos + 1).to(torch.int32)

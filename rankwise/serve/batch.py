@@ -8,14 +8,15 @@ mask, sampling settings and the LoRA grouping of the rows. That makes a decode s
 on fixed buffers, which is captured once per (padded batch size, LoRA sites in use, greedy or not) as a CUDA graph
 and replayed; kernels that depend on lengths (paged attention, LoRA blocks) read them from the device, so one graph
 serves any lengths and any adapter mix. When every row is greedy the graph also takes the argmax of the logits
-(in the model dtype: the same token as in float32, one pass over the vocabulary fewer) and advances the rows, so the
-step is one replay; sampled rows get their logits in float32 and `sample` runs after the replay.
+(in the model dtype: the same token as in float32, one pass over the vocabulary fewer; `greedy_advance`) and
+advances the rows, so the step is one replay; sampled rows get their logits in float32 and `sample` runs after it.
 """
 
 from __future__ import annotations
 
 import torch
 
+from rankwise.serve.kernels.reference import greedy_advance_ref
 from rankwise.serve.lora_batch import LoraStep, lora_workspace, plan_blocks
 from rankwise.serve.model import AttnBatch, LlamaFamilyModel, LoraContext
 from rankwise.serve.sampling import sample
@@ -28,7 +29,7 @@ class BatchState:
                  block_t: int, r_cap: int, use_graphs: bool):
         R, dev = max_num_seqs, model.device
         self.model, self.kv, self.R, self.block_t = model, kv, R, block_t
-        self.lora_ctx = lora_ctx  # tables, pool, layout, max_lora_rank, backend (no step)
+        self.lora_ctx = lora_ctx  # tables, pool, layout, max_lora_rank, backend, stream (no step)
         self.tokens = torch.zeros(R, dtype=torch.int64, device=dev)        # (R,) next input token of each row
         self.positions = torch.zeros(R, dtype=torch.int64, device=dev)     # (R,) its position
         self.active = torch.zeros(R, dtype=torch.bool, device=dev)
@@ -37,10 +38,9 @@ class BatchState:
         self.top_p = torch.ones(R, dtype=torch.float32, device=dev)
         self.l_meta = torch.zeros((4, R), dtype=torch.int32, device=dev)   # tok_idx, blk_start, blk_end, blk_slot
         self.l_meta[3] = -1
-        self.l_y = None  # the y workspace of the two-pass LoRA kernels and the reference (None: fused kernel)
-        if lora_ctx is not None:
-            self.l_y = lora_workspace(lora_ctx["backend"], lora_ctx["max_lora_rank"], max(lora_ctx["layout"].site_in),
-                                      1, R, r_cap, dev)
+        self.l_y = None if lora_ctx is None else lora_workspace(lora_ctx["backend"], max(lora_ctx["layout"].site_in),
+                                                                  R, R, r_cap, dev, tuned=True)
+        self.lora_launch: tuple | None = None  # per site, the LoraLaunch tuned for decode steps (Engine.warmup)
         self.version = -1
         self.any_lora = False
         self.all_greedy = True
@@ -101,16 +101,18 @@ class BatchState:
             attn = AttnBatch(slot_mapping, block_tables=tables, context_lens=context_lens)
         ctx = None
         if sites is not None:
-            y = None if self.l_y is None else self.l_y[:, :B]
-            step = LoraStep(self.l_meta[0, :B], self.l_meta[1, :B], self.l_meta[2, :B], self.l_meta[3, :B], y,
-                            self.block_t)
-            ctx = LoraContext(step=step, sites=sites, **self.lora_ctx)
+            step = LoraStep(self.l_meta[0, :B], self.l_meta[1, :B], self.l_meta[2, :B], self.l_meta[3, :B],
+                            self.l_y[:, :B], self.block_t)
+            ctx = LoraContext(step=step, sites=sites, launch=self.lora_launch, **self.lora_ctx)
         hidden = self.model.forward(self.tokens[:B], pos, self.kv, attn, ctx)
         if not greedy:
             return self.model.logits(hidden)
-        nxt = (hidden @ self.model.w["lm_head"].t()).argmax(dim=-1)
-        self.advance(B, nxt)
-        return nxt
+        logits = hidden @ self.model.w["lm_head"].t()                    # (B, vocab) model dtype
+        if self.model.use_triton:
+            from rankwise.serve.kernels.triton_sampling import greedy_advance
+
+            return greedy_advance(logits, self.tokens[:B], self.positions[:B], active)
+        return greedy_advance_ref(logits, self.tokens[:B], self.positions[:B], active)
 
     def decode(self, B: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """One decode step of rows [0, B) (replaying the graph of (B, LoRA sites in use, greedy) if graphs are

@@ -133,8 +133,10 @@ class Engine:
         self.scheduler = Scheduler(config, BlockAllocator(num_blocks), self.adapters)
         self.block_t = block_t_for(lora_backend)
         self.r_cap = 3 * config.max_lora_rank
+        # on CUDA each site's LoRA shrink runs on a side stream beside the base GEMM (model.py, `_linear`)
+        side = torch.cuda.Stream(device) if cuda and lora_backend == "triton" else None
         self._lora_common = dict(tables=self.adapters.tables, pool=self.adapters.pool, layout=self.layout,
-                                 max_lora_rank=config.max_lora_rank, backend=lora_backend)
+                                 max_lora_rank=config.max_lora_rank, backend=lora_backend, stream=side)
         use_graphs = cuda and config.cuda_graphs and attn_backend == "triton" and lora_backend == "triton"
         self.batch = BatchState(self.model, self.kv, self._lora_common, config.max_num_seqs,
                                 blocks_needed(config.max_model_len, bs), self.block_t, self.r_cap, use_graphs)
@@ -388,6 +390,14 @@ class Engine:
         its algorithms), so that no request pays for it."""
         if self.device.type != "cuda":
             return
+        if self.lora_backend == "triton":  # the decode steps' LoRA launch shapes, timed once per process
+            from rankwise.serve.kernels.triton_lora import tune_launch
+
+            L = self.layout
+            self.batch.lora_launch = tuple(
+                tune_launch(L.site_in[s], tuple(b - a for a, b in zip(L.part_cols[s], L.part_cols[s][1:])),
+                            self.config.max_num_seqs, self.config.max_lora_rank, self.dtype, self.device)
+                for s in range(4))
         self._warm_prefill()
         if self.batch.use_graphs:
             for b in self.config.buckets():
@@ -397,8 +407,8 @@ class Engine:
         torch.cuda.synchronize()
 
     def _warm_prefill(self) -> None:
-        lora = self.lora_backend == "triton" and not self.adapters.resident_count()  # tables in use: skip LoRA
-        self.prefill.warm(list(_SITE_VARIANTS) if lora else [None])
+        # scratch inputs name no adapter (every LoRA block has slot -1), so this is safe with adapters resident
+        self.prefill.warm(list(_SITE_VARIANTS) if self.lora_backend == "triton" else [None])
 
     def stats(self) -> dict:
         s = self.scheduler

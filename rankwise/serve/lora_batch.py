@@ -16,8 +16,7 @@ Offsets are kept per (layer, site[, part]). Resident adapters are copied whole i
 are never padded: an adapter of rank 8 takes and reads rank-8 bytes beside one of rank 64 (S-LoRA's unified
 pool, Sheng et al. 2023, with contiguous runs instead of pages). Per step, `build_lora_step` groups the batch's
 tokens by slot into blocks of up to `block_t` tokens, which both backends (`kernels/reference.py`, Triton)
-consume: a shrink into a float32 buffer y (N, R_cap) and an expand into the site's output (on the GPU one fused
-kernel per site that keeps y in registers, or two passes for ranks above `FUSED_MAX_RANK`).
+consume: a shrink into a float32 buffer y (N, R_cap) and an expand into the site's output.
 """
 
 from __future__ import annotations
@@ -244,7 +243,7 @@ class LoraStep:
     blk_start: torch.Tensor  # (NB,) int32
     blk_end: torch.Tensor    # (NB,) int32
     blk_slot: torch.Tensor   # (NB,) int32, -1: no adapter
-    y: torch.Tensor | None   # (SPLIT, N, R_cap) float32 shrink output (two-pass kernels, reference); None: fused
+    y: torch.Tensor          # (SPLIT, N, R_cap) float32 workspace (the Triton shrink's partial sums over K)
     block_t: int
 
 
@@ -273,36 +272,30 @@ def plan_blocks(token_slots: list[int], block_t: int, num_blocks: int | None = N
     return order, starts, ends, slots
 
 
-def uses_fused_kernel(backend: str, max_lora_rank: int) -> bool:
-    """Whether `apply_lora` runs the fused Triton kernel (no y workspace) for this backend and rank limit."""
-    from rankwise.serve.kernels.triton_lora import FUSED_MAX_RANK
-
-    return backend == "triton" and max_lora_rank <= FUSED_MAX_RANK
-
-
-def lora_workspace(backend: str, max_lora_rank: int, max_k: int, num_blocks: int, num_tokens: int, r_cap: int,
-                   device: torch.device) -> torch.Tensor | None:
-    """The y buffer a step of `num_blocks` blocks over `num_tokens` tokens needs: None for the fused kernel, one
-    slice for the reference, the split-K partial sums of the two-pass Triton kernels (max_k: widest site input)."""
-    if uses_fused_kernel(backend, max_lora_rank):
-        return None
+def lora_workspace(backend: str, max_k: int, num_blocks: int, num_tokens: int, r_cap: int,
+                   device: torch.device, tuned: bool = False) -> torch.Tensor:
+    """The float32 y buffer (SPLIT, num_tokens, r_cap) of a step of `num_blocks` blocks: one slice for the reference,
+    the Triton shrink's split-K partial sums otherwise (max_k: the widest site input; tuned: room for any split
+    `tune_launch` may pick)."""
     splits = 1
     if backend == "triton":
-        from rankwise.serve.kernels.triton_lora import split_k
+        from rankwise.serve.kernels.triton_lora import max_split, split_k
 
-        splits = split_k(max_k, num_blocks)
+        splits = max_split(max_k) if tuned else split_k(max_k, num_blocks)
     return torch.empty((splits, num_tokens, r_cap), dtype=torch.float32, device=device)
 
 
 def build_lora_step(token_slots: list[int], block_t: int, r_cap: int, device: torch.device,
-                    backend: str = "reference", max_lora_rank: int = 64, max_k: int = 0) -> LoraStep | None:
-    """A LoraStep for tokens with these adapter slots, or None when no token uses an adapter."""
+                    max_k: int | None = None) -> LoraStep | None:
+    """A LoraStep for tokens with these adapter slots, or None when no token uses an adapter. max_k: the widest
+    site input, for the Triton backend's split-K workspace (None: the reference, one slice)."""
     if all(s < 0 for s in token_slots):
         return None
     order, starts, ends, slots = plan_blocks(token_slots, block_t)
     tok_idx = to_device(torch.tensor(order, dtype=torch.int32), device)
     blocks = to_device(torch.tensor([starts, ends, slots], dtype=torch.int32), device)
-    y = lora_workspace(backend, max_lora_rank, max_k, len(slots), len(token_slots), r_cap, device)
+    y = lora_workspace("reference" if max_k is None else "triton", max_k or 0, len(slots), len(token_slots), r_cap,
+                       device)
     return LoraStep(tok_idx, blocks[0], blocks[1], blocks[2], y, block_t)
 
 
@@ -311,30 +304,46 @@ def block_t_for(backend: str) -> int:
     return 16 if backend == "triton" else 1 << 30
 
 
-def apply_lora(site: int, layer: int, x: torch.Tensor, out: torch.Tensor, step: LoraStep, tables: LoraTables,
-               pool: torch.Tensor, layout: LoraLayout, max_lora_rank: int, backend: str) -> None:
-    """out (T, N_site) += every token's adapter delta at (layer, site), in place. x: (T, in_site)."""
+def lora_shrink_site(site: int, layer: int, x: torch.Tensor, step: LoraStep, tables: LoraTables, pool: torch.Tensor,
+                     layout: LoraLayout, max_lora_rank: int, backend: str, launch=None) -> None:
+    """step.y = x @ A^T of every token's adapter at (layer, site). x: (T, in_site). launch: a tuned `LoraLaunch`
+    (Triton; None: the default for this step's size)."""
+    blocks = (step.tok_idx, step.blk_start, step.blk_end, step.blk_slot)
+    offA, rankA = tables.offA[layer, site], tables.rankA[layer, site]
+    if backend == "triton":
+        from rankwise.serve.kernels.triton_lora import default_launch, lora_shrink
+
+        launch = launch or default_launch(x.shape[1], step.blk_slot.shape[0])
+        lora_shrink(x, pool, step.y, *blocks, offA, rankA, max_rank=layout.max_site_rank(site, max_lora_rank),
+                    split=launch.split, block_t=step.block_t, block_r=launch.shrink_block_r)
+    else:
+        reference.lora_shrink_ref(x, pool, step.y[0], *blocks, offA, rankA)
+
+
+def lora_expand_site(site: int, layer: int, x: torch.Tensor, out: torch.Tensor, step: LoraStep, tables: LoraTables,
+                     pool: torch.Tensor, layout: LoraLayout, max_lora_rank: int, backend: str, launch=None) -> None:
+    """out (T, N_site) += every token's adapter delta from step.y (written by `lora_shrink_site` for this x)."""
     cols = layout.part_cols[site]
     P = len(cols) - 1
     offB, rankB = tables.offB[layer, site, :P], tables.rankB[layer, site, :P]
     r0, scale, offG = tables.r0[layer, site, :P], tables.scale[layer, site, :P], tables.offG[layer, site, :P]
     blocks = (step.tok_idx, step.blk_start, step.blk_end, step.blk_slot)
-    if backend == "triton" and step.y is None:
-        from rankwise.serve.kernels.triton_lora import lora_fused
+    if backend == "triton":
+        from rankwise.serve.kernels.triton_lora import default_launch, lora_expand
 
-        lora_fused(x, out, pool, *blocks, cols, tables.offA[layer, site], offB, rankB, r0, scale, offG,
-                   max_rank=max_lora_rank, block_t=step.block_t)
-    elif backend == "triton":
-        from rankwise.serve.kernels.triton_lora import lora_expand, lora_shrink, split_k
-
-        split = split_k(x.shape[1], step.blk_slot.shape[0])
-        lora_shrink(x, pool, step.y, *blocks, tables.offA[layer, site], tables.rankA[layer, site],
-                    max_rank=layout.max_site_rank(site, max_lora_rank), split=split, block_t=step.block_t)
-        lora_expand(step.y, out, pool, *blocks, cols, offB, rankB, r0, scale, offG, split=split,
-                    block_t=step.block_t)
+        launch = launch or default_launch(x.shape[1], step.blk_slot.shape[0])
+        lora_expand(step.y, out, pool, *blocks, cols, offB, rankB, r0, scale, offG, split=launch.split,
+                    block_t=step.block_t, block_r=launch.expand_block_r, block_n=launch.expand_block_n)
     else:
-        reference.lora_shrink_ref(x, pool, step.y[0], *blocks, tables.offA[layer, site], tables.rankA[layer, site])
         reference.lora_expand_ref(step.y[0], out, pool, *blocks, cols, offB, rankB, r0, scale, offG)
+
+
+def apply_lora(site: int, layer: int, x: torch.Tensor, out: torch.Tensor, step: LoraStep, tables: LoraTables,
+               pool: torch.Tensor, layout: LoraLayout, max_lora_rank: int, backend: str, launch=None) -> None:
+    """out (T, N_site) += every token's adapter delta at (layer, site), in place. x: (T, in_site)."""
+    args = (step, tables, pool, layout, max_lora_rank, backend, launch)
+    lora_shrink_site(site, layer, x, *args)
+    lora_expand_site(site, layer, x, out, *args)
 
 
 def dense_delta(packed: PackedAdapter, layout: LoraLayout, layer: int, site: int) -> list[torch.Tensor | None]:
@@ -372,9 +381,10 @@ __all__ = [
     "block_t_for",
     "build_lora_step",
     "dense_delta",
+    "lora_expand_site",
+    "lora_shrink_site",
     "lora_workspace",
     "pack_adapter",
     "plan_blocks",
     "pool_elements",
-    "uses_fused_kernel",
 ]

@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rankwise.serve.kernels.reference import paged_decode_attention_ref
 from rankwise.serve.kv_cache import KVCache
-from rankwise.serve.lora_batch import LoraLayout, LoraStep, LoraTables, apply_lora
+from rankwise.serve.lora_batch import LoraLayout, LoraStep, LoraTables, lora_expand_site, lora_shrink_site
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # Not cuDNN's attention: it builds a plan per new sequence length (tens of ms), and every prompt length is new.
@@ -105,7 +105,8 @@ def seq_starts(lens: list[int], total: int) -> list[int]:
 
 @dataclass
 class LoraContext:
-    """Everything `apply_lora` needs besides the activations."""
+    """Everything the LoRA kernels need besides the activations. stream: on CUDA, a side stream on which each site's
+    shrink runs beside the base GEMM (both only read x); launch: per site, a tuned `LoraLaunch` (None: default)."""
 
     step: LoraStep
     tables: LoraTables
@@ -114,6 +115,8 @@ class LoraContext:
     max_lora_rank: int
     backend: str
     sites: tuple[bool, ...] = (True, True, True, True)   # sites some resident adapter uses; others are skipped
+    stream: torch.cuda.Stream | None = None
+    launch: tuple | None = None
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -197,10 +200,23 @@ class LlamaFamilyModel:
     # ---- forward ---------------------------------------------------------------------------------------
 
     def _linear(self, x: torch.Tensor, layer: int, site: int, key: str, lora: LoraContext | None) -> torch.Tensor:
-        out = x @ self.w[f"{layer}.{key}"].t()
-        if lora is not None and lora.sites[site]:
-            apply_lora(site, layer, x, out, lora.step, lora.tables, lora.pool, lora.layout, lora.max_lora_rank,
-                       lora.backend)
+        weight = self.w[f"{layer}.{key}"]
+        if lora is None or not lora.sites[site]:
+            out = x @ weight.t()
+        else:
+            args = (lora.step, lora.tables, lora.pool, lora.layout, lora.max_lora_rank, lora.backend,
+                    lora.launch[site] if lora.launch else None)
+            if lora.stream is not None:  # fork: the shrink beside the GEMM; join before the expand adds into out
+                main = torch.cuda.current_stream()
+                lora.stream.wait_stream(main)
+                with torch.cuda.stream(lora.stream):
+                    lora_shrink_site(site, layer, x, *args)
+                out = x @ weight.t()
+                main.wait_stream(lora.stream)
+            else:
+                lora_shrink_site(site, layer, x, *args)
+                out = x @ weight.t()
+            lora_expand_site(site, layer, x, out, *args)
         bias = self.w.get(f"{layer}.{key}_b")
         return out if bias is None else out + bias
 

@@ -102,8 +102,7 @@ class PrefillRunner:
         lora = None
         if sites is not None:
             c = self.lora_ctx
-            y = lora_workspace(c["backend"], c["max_lora_rank"], max(c["layout"].site_in), NB, T,
-                               3 * c["max_lora_rank"], buf.device)
+            y = lora_workspace(c["backend"], max(c["layout"].site_in), NB, T, 3 * c["max_lora_rank"], buf.device)
             step = LoraStep(meta[T: 2 * T], blocks[0], blocks[1], blocks[2], y, self.block_t)
             lora = LoraContext(step=step, sites=sites, **c)
         seq_start = meta[:T] if m.use_triton else None

@@ -7,6 +7,7 @@ import torch
 pytest.importorskip("triton")
 
 from rankwise.serve.kernels.reference import (
+    greedy_advance_ref,
     lora_expand_ref,
     lora_shrink_ref,
     paged_decode_attention_ref,
@@ -50,9 +51,9 @@ def _pool_case(K, parts, ranks, dora, dtype, device, seed=0):
     return t(pool), t(offA), t(rankA), t(offB), t(rankB), t(r0), t(scale.contiguous()), t(offG)
 
 
-def _run_lora(T, K, parts, ranks, token_slots, block_t, dtype, device, dora=True, split=None, fused=None):
-    """Triton against the reference on one site. fused: None (two passes) or the fused kernel's launch options."""
-    from rankwise.serve.kernels.triton_lora import lora_expand, lora_fused, lora_shrink, split_k
+def _run_lora(T, K, parts, ranks, token_slots, block_t, dtype, device, dora=True, split=None, launch=None):
+    """Triton against the reference on one site. launch: a LoraLaunch (its split overrides `split`)."""
+    from rankwise.serve.kernels.triton_lora import LoraLaunch, lora_expand, lora_shrink, split_k
 
     pool, offA, rankA, offB, rankB, r0, scale, offG = _pool_case(K, parts, ranks, dora, dtype, device)
     cols = tuple([0] + list(torch.tensor(parts).cumsum(0).tolist()))
@@ -61,18 +62,17 @@ def _run_lora(T, K, parts, ranks, token_slots, block_t, dtype, device, dora=True
     g = torch.Generator().manual_seed(1)
     x = torch.randn(T, K, generator=g).to(device, dtype)
     r_cap = max(sum(r) for r in ranks)
-    split = split or split_k(K, len(st))
+    launch = launch or LoraLaunch(split or split_k(K, len(st)))
+    split = launch.split
     y_k = torch.zeros(split, T, r_cap, device=device)
     y_r = torch.zeros(T, r_cap, device=device)
-    lora_shrink(x, pool, y_k, *meta, offA, rankA, max_rank=r_cap, split=split, block_t=block_t)
+    lora_shrink(x, pool, y_k, *meta, offA, rankA, max_rank=r_cap, split=split, block_t=block_t,
+                block_r=launch.shrink_block_r)
     lora_shrink_ref(x, pool, y_r, *meta, offA, rankA)
     out0 = torch.randn(T, cols[-1], generator=g).to(device, dtype)
     out_k, out_r = out0.clone(), out0.clone()
-    if fused is None:
-        lora_expand(y_k, out_k, pool, *meta, cols, offB, rankB, r0, scale, offG, split=split, block_t=block_t)
-    else:
-        lora_fused(x, out_k, pool, *meta, cols, offA, offB, rankB, r0, scale, offG,
-                   max_rank=max(max(r) for r in ranks), block_t=block_t, **fused)
+    lora_expand(y_k, out_k, pool, *meta, cols, offB, rankB, r0, scale, offG, split=split, block_t=block_t,
+                block_r=launch.expand_block_r, block_n=launch.expand_block_n)
     lora_expand_ref(y_r, out_r, pool, *meta, cols, offB, rankB, r0, scale, offG)
     used = torch.tensor([s >= 0 for s in token_slots], device=device)
     return y_k.sum(0), y_r, out_k, out_r, out0, used
@@ -96,18 +96,17 @@ def test_lora_kernels_match_reference_interpreter(dtype, split):
     assert (out_r.float() - out0.float()).abs().max() > 0.1, "the adapters must change the output"
 
 
-@pytest.mark.parametrize("dtype,fused", [(torch.float32, dict(columns=16, block_k=16)),
-                                         (torch.float32, dict(columns=64, block_k=32)), (torch.bfloat16, {})])
-def test_fused_lora_kernel_matches_reference_interpreter(dtype, fused):
-    # the same site and tokens as above; columns=16: several programs per part, each recomputing the part's y
+@pytest.mark.parametrize("launch", [(2, 32, 64, 16), (4, 16, 32, 32), (1, 16, 16, 16)])
+def test_lora_launch_shapes_match_reference_interpreter(launch):
+    # the launch shapes tune_launch chooses among (split, shrink rank tile, expand rank and column tiles)
+    from rankwise.serve.kernels.triton_lora import LoraLaunch
+
     ranks = [[4, 2, 0], [16, 8, 8], [1, 0, 3], [0, 0, 0]]
     slots = [0, 1, 1, -1, 2, 0, 1, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2]
-    _, _, out_k, out_r, out0, used = _run_lora(len(slots), 48, (32, 16, 16), ranks, slots, 16, dtype, "cpu",
-                                               fused=fused)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out_k.float(), out_r.float(), atol=tol * 10, rtol=tol)
-    assert torch.equal(out_k[~used], out0[~used]), "tokens without an adapter must be left untouched"
-    assert (out_r.float() - out0.float()).abs().max() > 0.1, "the adapters must change the output"
+    y_k, y_r, out_k, out_r, out0, used = _run_lora(len(slots), 48, (32, 16, 16), ranks, slots, 16, torch.float32,
+                                                   "cpu", launch=LoraLaunch(*launch))
+    torch.testing.assert_close(out_k, out_r, atol=1e-4, rtol=1e-5)
+    assert torch.equal(out_k[~used], out0[~used])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -200,6 +199,27 @@ def test_prefill_attention_matches_reference_interpreter(dtype):
     torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
+def _greedy_case(device, dtype, B, V):
+    from rankwise.serve.kernels.triton_sampling import greedy_advance
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, V, generator=g).to(device, dtype)
+    logits[0, 7] = logits[0, V - 3] = logits[0, V // 2] = 50.0  # ties in different chunks: the first wins
+    logits[1, 200] = logits[1, 201] = 60.0                         # ties within a chunk
+    tokens = torch.randint(0, V, (B,), generator=g).to(device)
+    positions = torch.randint(0, 100, (B,), generator=g).to(device)
+    active = (torch.arange(B) % 3 != 1).to(device)
+    t_k, p_k, t_r, p_r = tokens.clone(), positions.clone(), tokens.clone(), positions.clone()
+    nxt_k = greedy_advance(logits, t_k, p_k, active)
+    nxt_r = greedy_advance_ref(logits, t_r, p_r, active)
+    assert nxt_k.tolist() == nxt_r.tolist() and nxt_k[0] == 7 and nxt_k[1] == 200
+    assert t_k.tolist() == t_r.tolist() and p_k.tolist() == p_r.tolist()
+
+
+def test_greedy_advance_matches_reference_interpreter():
+    _greedy_case("cpu", torch.float32, B=5, V=300)
+
+
 def test_launchers_reject_bad_inputs():
     from rankwise.serve.kernels.triton_attention import paged_decode_attention
     from rankwise.serve.kernels.triton_lora import lora_shrink
@@ -222,16 +242,18 @@ def test_launchers_reject_bad_inputs():
 # ---- real sizes on the GPU -------------------------------------------------------------------------------
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("launch", [None, (16, 32, 64, 128), (4, 16, 32, 256)])
 @pytest.mark.parametrize("site", ["qkv", "gate_up", "down"])
-def test_lora_kernels_real_sizes_gpu(site, fused):
+def test_lora_kernels_real_sizes_gpu(site, launch):
     # Llama-3.2-1B: hidden 2048, kv 512, intermediate 8192; 32 decode rows of mixed adapters + a 300-token prefill
     K, parts = {"qkv": (2048, (2048, 512, 512)), "gate_up": (2048, (8192, 8192)), "down": (8192, (2048,))}[site]
     cycle = [8, 16, 32, 64]
     ranks = [[cycle[(s + p) % 4] for p in range(len(parts))] for s in range(40)]
     slots = [s % 40 for s in range(32)] + [-1] * 3 + [7] * 300
+    from rankwise.serve.kernels.triton_lora import LoraLaunch
+
     _, _, out_k, out_r, out0, used = _run_lora(len(slots), K, parts, ranks, slots, 16, torch.bfloat16, "cuda",
-                                               fused={} if fused else None)
+                                               launch=LoraLaunch(*launch) if launch else None)
     # bf16 outputs: y is rounded to bf16 before the expand, so a 1-ulp flip of y can move an output by ~1%
     err = (out_k.float() - out_r.float()).abs()
     assert err.max() <= 0.02 * out_r.float().abs().max() and err.mean() <= 1e-3 * out_r.float().abs().max()
@@ -260,6 +282,11 @@ def test_decode_attention_with_rope_real_sizes_gpu():
     torch.testing.assert_close(kc.float(), k_ref.float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(vc, v_ref, atol=0, rtol=0)
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+def test_greedy_advance_real_sizes_gpu():
+    _greedy_case("cuda", torch.bfloat16, B=32, V=128256)
 
 
 @pytest.mark.gpu

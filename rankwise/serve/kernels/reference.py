@@ -19,6 +19,7 @@ No adapter is padded to another's rank: each reads exactly its own rows.
 
 Paged decode attention: one query token per sequence over its cached keys/values, found through a block table.
 Prefill attention: the prompts of a step back to back, each token attending causally within its own prompt.
+Greedy step: the argmax of each row's logits, and the rows advanced.
 """
 
 from __future__ import annotations
@@ -129,3 +130,17 @@ def prefill_attention_ref(
     att = (q.float().transpose(0, 1) @ kk.transpose(1, 2)) * scale                          # (H, T, T)
     att = torch.softmax(att.masked_fill(~seen, float("-inf")), dim=-1)
     return (att @ vv).transpose(0, 1).to(q.dtype)
+
+
+def greedy_advance_ref(
+    logits: torch.Tensor,     # (B, V)
+    tokens: torch.Tensor,     # (B,) int64 the rows' next input tokens, updated in place
+    positions: torch.Tensor,  # (B,) int64 their positions, updated in place
+    active: torch.Tensor,     # (B,) bool
+) -> torch.Tensor:            # (B,) int64 next tokens
+    """A greedy decode step's tail: argmax of each row (first index of the maximum); active rows continue from it
+    at the next position."""
+    nxt = logits.argmax(dim=-1)
+    tokens.copy_(torch.where(active, nxt, tokens))
+    positions.add_(active.to(torch.int64))
+    return nxt

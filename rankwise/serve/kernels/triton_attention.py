@@ -80,9 +80,9 @@ def _paged_decode_kernel(
         pos = tl.load(pos_ptr + b)
         # the row's context and the slot of its new token, from the block table (an idle row: the scratch block 0)
         active = tl.load(ctx_ptr + b) != 0
-        n_ctx = tl.where(active, pos + 1, 0)
-        blk = tl.load(bt_ptr + b * stride_btb + pos // BS).to(tl.int64)
-        c_off = tl.where(active, blk, 0) * stride_kb + (pos % BS) * stride_kt + kvh * stride_kh
+        n_ctx = tl.where(active, pos + 1, 0).to(tl.int32)
+        new_blk = tl.load(bt_ptr + b * stride_btb + pos // BS).to(tl.int64)
+        c_off = tl.where(active, new_blk, 0) * stride_kb + (pos % BS) * stride_kt + kvh * stride_kh
         cos = tl.load(cos_ptr + pos * stride_cos + offs_d).to(tl.float32)[None, :]
         sin = tl.load(sin_ptr + pos * stride_cos + offs_d).to(tl.float32)[None, :]
         row = q_ptr + b * stride_qb

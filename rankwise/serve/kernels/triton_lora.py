@@ -1,27 +1,26 @@
-"""Triton kernels for batched LoRA with heterogeneous ranks over a packed pool: one fused kernel, and a two-pass
-shrink / expand for ranks above `FUSED_MAX_RANK`.
+"""Triton kernels for batched LoRA with heterogeneous ranks: a segmented shrink and expand over a packed pool.
 
-The math and the layout are specified by `lora_shrink_ref` followed by `lora_expand_ref` in `reference.py`, which
-these kernels must match (tests/serve/test_triton_kernels.py). Tokens come grouped by adapter; each program
-handles one block of up to BLOCK_T tokens that share an adapter (a segment of a prefill, or the decode rows of one
-adapter), so an adapter's weights are read once per block, never once per token, and each adapter reads exactly
-its own ranks. The grid is sized by the largest rank so that a CUDA graph can replay it for any mix of adapters
-(as S-LoRA's kernels are), but programs past an adapter's rank or columns return at once and no memory is padded.
+The math and the layout are specified by `lora_shrink_ref` / `lora_expand_ref` in `reference.py`, which these
+kernels must match (tests/serve/test_triton_kernels.py). Tokens come grouped by adapter; each program handles one
+block of up to BLOCK_T tokens that share an adapter (a segment of a prefill, or the decode rows of one adapter),
+so an adapter's A and B are read once per block, never once per token, and each adapter reads exactly its own
+R_s rows. The shrink's reduction over K is split over SPLIT programs per block (partial sums in y[s], added by the
+expand in a fixed order), which keeps many loads in flight when a decode step has few blocks; programs whose rank
+tile lies past R_s return at once (the grid is sized by the largest rank so that a CUDA graph can replay it for
+any mix of adapters, as S-LoRA's kernels do, but no memory is padded or read).
 
-Fused (`lora_fused`, one launch per site): program (block, part p, column range) computes
-y = x[tokens] @ A_p^T over the whole K, rounds it to the model dtype, and adds scale * y @ B_p^T to its columns.
-Every column range of a part recomputes the same small y (reading A_p from L2 after the first), which is what
-removes the second launch and the float32 workspace: in a decode step, where each site's LoRA work is a few
-microseconds, the launches and their dependent loads were the cost (64 launches per step for q, k, v, o).
-
-Two-pass (`lora_shrink` then `lora_expand`): the shrink writes y in float32 (its reduction over K optionally split
-over SPLIT programs per block, partial sums added by the expand in a fixed order); for ranks whose y tile would
-not fit in registers.
+A decode step's LoRA work is a few microseconds per site, so the launch shape (`LoraLaunch`: split, rank and column
+tiles) decides its cost; `tune_launch` times a few shapes once per process on synthetic adapters of the model's
+sizes and the engine captures its decode graphs with the fastest. (A single fused shrink-expand kernel, each
+column program recomputing its part's y, measured slower than both passes at every shape tried on an H100:
+docs/BENCHMARKS.md, Serving.)
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -171,14 +170,15 @@ def split_k(K: int, num_blocks: int) -> int:
 def lora_shrink(
     x: torch.Tensor, pool: torch.Tensor, y: torch.Tensor, tok_idx: torch.Tensor, blk_start: torch.Tensor,
     blk_end: torch.Tensor, blk_slot: torch.Tensor, offA: torch.Tensor, rankA: torch.Tensor, *,
-    max_rank: int, split: int, block_t: int = 16,
+    max_rank: int, split: int, block_t: int = 16, block_r: int = 16,
 ) -> None:
     """y[s, i, :R_s] = partial sums (over the s-th K range) of x[tok_idx[i]] @ A_s^T for every block with an
     adapter; sum over s = `lora_shrink_ref`'s y.
 
     x: (T, K); pool: (numel,) same dtype; y: (>= split, N, R_cap) float32 with R_cap >= max_rank; max_rank: the
     largest R_s the grid must cover (a fixed number keeps a captured CUDA graph valid for any adapter mix);
-    split: `split_k(K, num_blocks)`, the same number passed to `lora_expand`."""
+    split: `split_k(K, num_blocks)` (or a tuned `LoraLaunch.split`), the same number passed to `lora_expand`;
+    block_r: rank rows per program."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"x must be (tokens, in_features) with contiguous rows, got shape {tuple(x.shape)} "
                          f"strides {x.stride()}.")
@@ -196,7 +196,7 @@ def lora_shrink(
     NB = blk_slot.shape[0]
     if NB == 0 or max_rank == 0:
         return
-    BLOCK_R = 16
+    BLOCK_R = block_r
     per_split = triton.cdiv(K, split)
     BLOCK_K = min(128, max(16, triton.next_power_of_2(per_split)))
     k_per = triton.cdiv(per_split, BLOCK_K) * BLOCK_K  # each program's K range, a multiple of BLOCK_K
@@ -212,10 +212,11 @@ def lora_expand(
     y: torch.Tensor, out: torch.Tensor, pool: torch.Tensor, tok_idx: torch.Tensor, blk_start: torch.Tensor,
     blk_end: torch.Tensor, blk_slot: torch.Tensor, part_cols: tuple[int, ...], offB: torch.Tensor,
     rankB: torch.Tensor, r0: torch.Tensor, scale: torch.Tensor, offG: torch.Tensor, *, split: int,
-    block_t: int = 16,
+    block_t: int = 16, block_r: int = 16, block_n: int = 128,
 ) -> None:
     """out[t, cols_p] = g_sp * (out[t, cols_p] + scale * (sum_s y[s, i, r0:r0 + r_sp]) @ B_sp^T), in place
-    (see `lora_expand_ref`). out: (T, N_total) with parts at `part_cols` (1 to 3 parts); split: the shrink's."""
+    (see `lora_expand_ref`). out: (T, N_total) with parts at `part_cols` (1 to 3 parts); split: the shrink's;
+    block_r, block_n: rank and column tile of a program."""
     P = len(part_cols) - 1
     if not 1 <= P <= 3 or part_cols[0] != 0 or part_cols[-1] != out.shape[1]:
         raise ValueError(f"part_cols={part_cols}: need 2 to 4 boundaries from 0 to out's width {out.shape[1]}.")
@@ -236,150 +237,117 @@ def lora_expand(
         return
     widths = [part_cols[i + 1] - part_cols[i] for i in range(P)] + [0] * (3 - P)
     cols = list(part_cols[1:P]) + [out.shape[1]] * (3 - P)
-    BLOCK_N = 128 if max(widths) >= 128 else max(16, triton.next_power_of_2(max(widths)))
+    BLOCK_N = block_n if max(widths) >= block_n else max(16, triton.next_power_of_2(max(widths)))
     nblk = triton.cdiv(max(widths), BLOCK_N)
     grid = (NB, P * nblk)
     _lora_expand_kernel[grid](
         y, out, pool, tok_idx, blk_start, blk_end, blk_slot, offB, rankB, r0, scale, offG,
         S, cols[0], cols[1], widths[0], widths[1], widths[2], split, y.stride(0), y.stride(1), out.stride(0), nblk,
-        BLOCK_T=block_t, BLOCK_N=BLOCK_N, BLOCK_R=16, IEEE=out.dtype == torch.float32, UP=UPCAST,
+        BLOCK_T=block_t, BLOCK_N=BLOCK_N, BLOCK_R=block_r, IEEE=out.dtype == torch.float32, UP=UPCAST,
     )
 
 
-FUSED_MAX_RANK = 128  # the fused kernel holds y (BLOCK_T, next_pow2(rank)) in registers; larger ranks: two passes
-# Launch shapes measured on an H100 (bench/kernel_micro.py --serve); module-level so the benchmark can sweep them.
-FUSED_DECODE = dict(columns=512, block_k=128, num_warps=4)
-FUSED_PREFILL = dict(columns=1024, block_k=64, num_warps=4)
+# ---- launch shapes ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoraLaunch:
+    """Launch shape of one site's shrink and expand: the shrink's K split and rank tile, the expand's rank and
+    column tiles. The split changes the order of the float32 sums; the tiles do not change what is computed."""
+
+    split: int
+    shrink_block_r: int = 16
+    expand_block_r: int = 16
+    expand_block_n: int = 128
 
 
-@triton.jit
-def _lora_fused_kernel(
-    x_ptr,        # (T, K) activations, model dtype
-    out_ptr,      # (T, N_total) model dtype, updated in place
-    pool_ptr,     # (numel,) packed adapter weights
-    tok_ptr,      # (N,) int32 token of each grouped position
-    bstart_ptr,   # (NB,) int32 first position of the block
-    bend_ptr,     # (NB,) int32 one past its last position
-    bslot_ptr,    # (NB,) int32 adapter slot of the block, -1: none
-    offA_ptr,     # (S,) int64 offset of A_cat (R_s, K) = [A_s0; A_s1; A_s2]
-    offB_ptr,     # (P, S) int64 offset of B_sp^T (r_sp, N_p)
-    rankB_ptr,    # (P, S) int64 r_sp
-    r0_ptr,       # (P, S) int64 first row of A_sp within A_cat
-    scale_ptr,    # (P, S) float32
-    offG_ptr,     # (P, S) int64 DoRA factor g_sp (N_p,), -1: none
-    S, K, c1, c2, w0, w1, w2, end0, end1, stride_x, stride_out,
-    N_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UP: tl.constexpr,
-):
-    b = tl.program_id(0)
-    pid = tl.program_id(1)  # programs [0, end0) cover part 0, [end0, end1) part 1, [end1, ...) part 2
-    slot = tl.load(bslot_ptr + b)
-    if slot < 0:
-        return
-    p = tl.where(pid < end0, 0, tl.where(pid < end1, 1, 2))
-    n_lo = (pid - tl.where(p == 0, 0, tl.where(p == 1, end0, end1))) * N_PER
-    r = tl.load(rankB_ptr + p * S + slot)
-    if r == 0:
-        return
-    width = tl.where(p == 0, w0, tl.where(p == 1, w1, w2))
-    c0 = tl.where(p == 0, 0, tl.where(p == 1, c1, c2))
-    start = tl.load(bstart_ptr + b)
-    end = tl.load(bend_ptr + b)
-    offs_t = start + tl.arange(0, BLOCK_T)
-    mask_t = offs_t < end
-    tok = tl.load(tok_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < r
-    a_base = tl.load(offA_ptr + slot) + tl.load(r0_ptr + p * S + slot) * K
-    # shrink: y = x[tok] @ A_p^T   (BLOCK_T, BLOCK_R), float32
-    y = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        xt = tl.load(x_ptr + tok[:, None] * stride_x + offs_k[None, :],
-                     mask=mask_t[:, None] & mask_k[None, :], other=0.0)                        # (BLOCK_T, BLOCK_K)
-        at = tl.load(pool_ptr + a_base + offs_r[None, :].to(tl.int64) * K + offs_k[:, None],
-                     mask=mask_r[None, :] & mask_k[:, None], other=0.0)                        # (BLOCK_K, BLOCK_R)
-        y += _mm(xt, at, IEEE, UP)
-    yb = y.to(pool_ptr.dtype.element_ty)  # the reference rounds y to the model dtype before the expand
-    # expand: out[tok, c0 + n] = g * (out + scale * yb @ B_p^T[:, n]) over this program's columns
-    b_base = tl.load(offB_ptr + p * S + slot)
-    scale = tl.load(scale_ptr + p * S + slot)
-    g_off = tl.load(offG_ptr + p * S + slot)
-    for n0 in range(n_lo, tl.minimum(n_lo + N_PER, width), BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < width
-        bt = tl.load(pool_ptr + b_base + offs_r[:, None].to(tl.int64) * width + offs_n[None, :],
-                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)                         # (BLOCK_R, BLOCK_N)
-        acc = _mm(yb, bt, IEEE, UP)
-        o_ptrs = out_ptr + tok[:, None] * stride_out + c0 + offs_n[None, :]
-        mask = mask_t[:, None] & mask_n[None, :]
-        o = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32) + scale * acc
-        if g_off >= 0:
-            g = tl.load(pool_ptr + g_off + offs_n, mask=mask_n, other=1.0).to(tl.float32)
-            o = o * g[None, :]
-        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=mask)
+def default_launch(K: int, num_blocks: int) -> LoraLaunch:
+    return LoraLaunch(split_k(K, num_blocks))
 
 
-def fused_config(num_blocks: int) -> dict:
-    """Launch shape of `lora_fused` for a step of `num_blocks` blocks (fixed per CUDA graph): decode-sized steps
-    split each part's columns over several programs (to fill the SMs), large prefills give a program more columns
-    (fewer re-reads of x and A)."""
-    return dict(FUSED_DECODE if num_blocks <= 64 else FUSED_PREFILL)
+def max_split(K: int) -> int:
+    """The largest split `tune_launch` tries for input K: a tuned step's y workspace needs this many slices."""
+    return 2 * max(1, triton.cdiv(K, K_PER))
 
 
-def lora_fused(
-    x: torch.Tensor, out: torch.Tensor, pool: torch.Tensor, tok_idx: torch.Tensor, blk_start: torch.Tensor,
-    blk_end: torch.Tensor, blk_slot: torch.Tensor, part_cols: tuple[int, ...], offA: torch.Tensor,
-    offB: torch.Tensor, rankB: torch.Tensor, r0: torch.Tensor, scale: torch.Tensor, offG: torch.Tensor, *,
-    max_rank: int, block_t: int = 16, columns: int | None = None, block_k: int | None = None,
-    num_warps: int | None = None,
-) -> None:
-    """out[t, cols_p] = g_sp * (out[t, cols_p] + scale_sp * round(x[t] @ A_sp^T) @ B_sp^T) in place, for every
-    token t of a block with an adapter: `lora_shrink_ref` then `lora_expand_ref` in one launch.
+_TUNED: dict[tuple, LoraLaunch] = {}
 
-    x: (T, K); out: (T, N_total) with parts at `part_cols` (1 to 3 parts); pool: (numel,) of their dtype;
-    offA: (S,) int64; offB, rankB, r0, offG: (P, S) int64; scale: (P, S) float32; max_rank: the largest rank of
-    one part (<= FUSED_MAX_RANK; a fixed number keeps a captured CUDA graph valid for any adapter mix);
-    columns / block_k / num_warps: launch shape (default: `fused_config`)."""
-    P = len(part_cols) - 1
-    if not 1 <= P <= 3 or part_cols[0] != 0 or part_cols[-1] != out.shape[1]:
-        raise ValueError(f"part_cols={part_cols}: need 2 to 4 boundaries from 0 to out's width {out.shape[1]}.")
-    if x.dim() != 2 or x.stride(1) != 1 or out.dim() != 2 or out.stride(1) != 1 or x.shape[0] != out.shape[0]:
-        raise ValueError(f"x (T, K) and out (T, N) need contiguous rows and the same T; got {tuple(x.shape)} "
-                         f"strides {x.stride()} and {tuple(out.shape)} strides {out.stride()}.")
-    if pool.dim() != 1 or pool.dtype != x.dtype or out.dtype != x.dtype:
-        raise ValueError(f"pool must be 1-D and pool, x and out of one dtype; got pool {tuple(pool.shape)} "
-                         f"{pool.dtype}, x {x.dtype}, out {out.dtype}.")
-    if not 1 <= max_rank <= FUSED_MAX_RANK:
-        raise ValueError(f"max_rank={max_rank}: the fused kernel takes ranks 1..{FUSED_MAX_RANK}; use lora_shrink "
-                         "and lora_expand (two passes) above that.")
-    _check_blocks(tok_idx, blk_start, blk_end, blk_slot, x.device)
-    S = offB.shape[-1]
-    if offA.dtype != torch.int64 or tuple(offA.shape) != (S,):
-        raise ValueError(f"offA must be an int64 ({S},) table, got {tuple(offA.shape)} {offA.dtype}.")
-    for name, t, dt in (("offB", offB, torch.int64), ("rankB", rankB, torch.int64), ("r0", r0, torch.int64),
-                        ("scale", scale, torch.float32), ("offG", offG, torch.int64)):
-        if t.dtype != dt or tuple(t.shape) != (P, S) or not t.is_contiguous():
-            raise ValueError(f"{name} must be a contiguous ({P}, {S}) {dt} table, got {tuple(t.shape)} {t.dtype}.")
-    NB = blk_slot.shape[0]
-    if NB == 0:
-        return
-    cfg = fused_config(NB)
-    columns = columns or cfg["columns"]
-    block_k = block_k or cfg["block_k"]
-    num_warps = num_warps or cfg["num_warps"]
-    widths = [part_cols[i + 1] - part_cols[i] for i in range(P)] + [0] * (3 - P)
-    cols = list(part_cols[1:P]) + [out.shape[1]] * (3 - P)
-    BLOCK_N = min(128, max(16, triton.next_power_of_2(max(widths))))
-    n_per = max(BLOCK_N, triton.cdiv(min(columns, max(widths)), BLOCK_N) * BLOCK_N)
-    progs = [triton.cdiv(w, n_per) for w in widths]
-    K = x.shape[1]
-    BLOCK_K = min(block_k, max(16, triton.next_power_of_2(K)))
-    _lora_fused_kernel[(NB, sum(progs))](
-        x, out, pool, tok_idx, blk_start, blk_end, blk_slot, offA, offB, rankB, r0, scale, offG,
-        S, K, cols[0], cols[1], widths[0], widths[1], widths[2], progs[0], progs[0] + progs[1], x.stride(0),
-        out.stride(0),
-        N_PER=n_per, BLOCK_T=block_t, BLOCK_R=max(16, triton.next_power_of_2(max_rank)), BLOCK_K=BLOCK_K,
-        BLOCK_N=BLOCK_N, IEEE=x.dtype == torch.float32, UP=UPCAST, num_warps=num_warps,
-    )
+
+def _candidates(K: int) -> tuple[list[LoraLaunch], list[tuple[int, int]]]:
+    """Shrink shapes (split, rank tile) and expand tiles (rank, columns) tried by `tune_launch`; the first of each
+    is the default."""
+    s = max(1, triton.cdiv(K, K_PER))
+    shrinks = [LoraLaunch(s), LoraLaunch(s, 32), LoraLaunch(2 * s), LoraLaunch(max(1, s // 2))]
+    return shrinks, [(16, 128), (64, 128), (32, 256)]
+
+
+def _graph_us(fn, calls: int = 20) -> float:
+    """Microseconds per call of `fn` replayed from a CUDA graph (how a decode graph runs it)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(3):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(1e3 * start.elapsed_time(end) / calls)
+    return sorted(times)[1]
+
+
+def tune_launch(K: int, part_widths: tuple[int, ...], num_blocks: int, max_lora_rank: int, dtype: torch.dtype,
+                device: torch.device) -> LoraLaunch:
+    """The fastest `LoraLaunch` for a site of input K and these output parts, in a step of `num_blocks` blocks of
+    one token (a decode step of that many rows, each with its own adapter, ranks cycling 8 to max_lora_rank), timed
+    once per process (later engines of the same shapes reuse it, so their results agree bit for bit)."""
+    key = (torch.cuda.get_device_name(device), dtype, K, part_widths, num_blocks, max_lora_rank)
+    if key in _TUNED:
+        return _TUNED[key]
+    P, S = len(part_widths), num_blocks
+    ranks = [min(max_lora_rank, 8 << (s % 4)) for s in range(S)]
+    offA, offB, rankB, r0, cursor = [], [[0] * S for _ in range(P)], [[0] * S for _ in range(P)], \
+        [[0] * S for _ in range(P)], 0
+    for s, r in enumerate(ranks):
+        offA.append(cursor)
+        cursor += P * r * K
+        for p, w in enumerate(part_widths):
+            offB[p][s], rankB[p][s], r0[p][s] = cursor, r, p * r
+            cursor += r * w
+    i64 = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+    pool = (torch.randn(cursor, device=device) * 0.02).to(dtype)
+    offA_t, rankA_t, offB_t, rankB_t, r0_t = i64(offA), i64([P * r for r in ranks]), i64(offB), i64(rankB), i64(r0)
+    scale, offG = torch.ones(P, S, device=device), i64([[-1] * S] * P)
+    meta = [torch.arange(S, dtype=torch.int32, device=device), torch.arange(S, dtype=torch.int32, device=device),
+            torch.arange(1, S + 1, dtype=torch.int32, device=device), torch.arange(S, dtype=torch.int32, device=device)]
+    x = torch.randn(S, K, device=device).to(dtype)
+    out = torch.zeros(S, sum(part_widths), device=device, dtype=dtype)
+    cols = (0, *itertools.accumulate(part_widths))
+    y = torch.zeros(max_split(K), S, P * max_lora_rank, device=device)
+    shrinks, expands = _candidates(K)
+    timed = []
+    for c in shrinks:
+        try:
+            timed.append((_graph_us(lambda: lora_shrink(x, pool, y, *meta, offA_t, rankA_t, max_rank=P * max_lora_rank,
+                                                        split=c.split, block_r=c.shrink_block_r)), c))
+        except Exception:  # a shape that does not compile or launch on this GPU is not a candidate
+            continue
+    best = min(timed, key=lambda tc: tc[0])[1] if timed else default_launch(K, num_blocks)
+    timed = []
+    for br, bn in expands:
+        c = LoraLaunch(best.split, best.shrink_block_r, br, bn)
+        try:
+            timed.append((_graph_us(lambda: lora_expand(y, out, pool, *meta, cols, offB_t, rankB_t, r0_t, scale, offG,
+                                                        split=c.split, block_r=br, block_n=bn)), c))
+        except Exception:
+            continue
+    if timed:
+        best = min(timed, key=lambda tc: tc[0])[1]
+    _TUNED[key] = best
+    return best
