@@ -360,6 +360,10 @@ def main() -> None:
     t = time.perf_counter()
     engine.warmup()
     res["graph_capture_s"] = time.perf_counter() - t
+    launch = engine.batch.lora_launch
+    res["decode_lora_launch"] = [vars(x) for x in launch] if launch else None  # tuned per site (qkv, o, gate_up, down)
+    res["prefill_graphs"] = len(engine.prefill.graphs)
+    print("warmup", {k: res[k] for k in ("graph_capture_s", "decode_lora_launch", "prefill_graphs")}, flush=True)
     t = time.perf_counter()
     engine.preload(qkvo + all7)  # all adapters in host memory, as in S-LoRA's setup
     res["host_preload_s_per_adapter"] = (time.perf_counter() - t) / len(qkvo + all7)
