@@ -18,12 +18,15 @@ also zeroes what the shift leaves below xi, up to 2 xi in effect; we apply the p
 reference trains the gates in their own optimizer without weight decay; here they sit in the user's
 optimizer, so give them weight_decay=0 (AdamW's decay would shrink them too).
 
-Making the soft budget hard (our design; the paper's budget is only what xi happens to give):
-- m_t is a multiplier on xi: every `check_every` steps after the warm-up, if the parameters of the ranks with
-  g != 0 exceed b(t), a cubic schedule from the initial parameters down to the Budget (`budget.cubic_schedule`),
-  m <- m * xi_growth, otherwise m <- 1 (an immediate release: all gates shrink at the same rate, so a slow
-  release lets them cross zero together and overshoot far below the budget). This is the schedule that
-  raises xi.
+Making the soft budget hard (our design; the paper's budget is only what xi happens to give). b(t) is a cubic
+schedule from the initial parameters down to the Budget (`budget.cubic_schedule`); every `check_every` steps
+after the warm-up, while the parameters of the ranks with g != 0 exceed b(t):
+- schedule="prune" (default): the ranks with the smallest |g| beyond b(t) are removed (`select_components`),
+  and xi stays the paper's. The L1 step keeps ranking the gates; the budget takes the weakest ones.
+- schedule="xi": m_t, a multiplier on xi, grows m <- m * xi_growth (up to max_xi_mult), and returns to 1 as
+  soon as the live parameters are under b(t). Every gate shrinks by the same tau, so this also shrinks the
+  gates that stay: on a 300-step MiniLM run m reached ~1.5^20 and held every gate near 0 (the adapter's
+  output with it; SST-2 at chance, docs/BENCHMARKS.md), where "prune" trains like LoRA.
 - when the final phase starts (the last `final_steps` steps) the ranks with the largest |g| that fit the Budget
   are kept and the others removed (`select_components`; zero gates go first), m returns to 1, and the last
   steps train the final structure; `finalize` removes every zero gate and caps again, so the exported adapter
@@ -51,18 +54,22 @@ from rankwise.allocate.budget import cubic_schedule, select_components
 @dataclass
 class SoraConfig(AllocatorConfig):
     """xi: L1 threshold per step at the peak learning rate; scale_by_lr: tau follows the learning rate;
-    check_every: steps between dropping zero gates and adjusting m; warmup_steps (None: 10% of total_steps)
-    and final_steps (None: 20%) shape the parameter schedule; xi_growth: factor on m per check; max_xi_mult."""
+    check_every: steps between dropping zero gates and applying the schedule; warmup_steps (None: 10% of
+    total_steps) and final_steps (None: 20%) shape the parameter schedule; schedule: "prune" or "xi" (see the
+    module docstring); xi_growth: factor on m per check and max_xi_mult (schedule="xi")."""
 
     xi: float = 3e-4
     scale_by_lr: bool = True
     check_every: int = 10
     warmup_steps: int | None = None
     final_steps: int | None = None
+    schedule: str = "prune"
     xi_growth: float = 1.5
     max_xi_mult: float = 1e4
 
     def __post_init__(self) -> None:
+        if self.schedule not in ("prune", "xi"):
+            raise ValueError(f"SoraConfig.schedule={self.schedule!r}; allowed: 'prune' (default) or 'xi'.")
         if self.xi < 0:
             raise ValueError(f"SoraConfig.xi={self.xi!r} must be >= 0 (reference: 1e-4 to 1e-3).")
         if self.check_every < 1:
@@ -129,7 +136,12 @@ class Sora(Allocator):
             mags, _ = self.gate_stats()
             live = sum(int((m > 0).sum()) * self.costs[n] for n, m in mags.items())
             self.drop_zero_gates(step, floor=target)
-            if step > self.warmup:  # raise xi while over the schedule, back to xi as soon as under it
+            if step <= self.warmup:
+                return
+            if self.config.schedule == "prune":
+                if live > target:
+                    self.keep_largest(step, target)
+            else:  # raise xi while over the schedule, back to xi as soon as under it
                 self.xi_mult = min(self.xi_mult * self.config.xi_growth, self.config.max_xi_mult) if live > target else 1.0
 
     def finalize(self) -> None:
@@ -179,15 +191,19 @@ class Sora(Allocator):
                 keep = [k for k in range(mags[n].numel()) if k not in ks]
                 self.resize_module(n, keep, step=step, score=float(mags[n].sum()))
 
-    def cap_to_budget(self, step: int, floor: int) -> None:
-        """Drop zero gates (down to `floor` parameters), then keep the largest |g| that fit the Budget."""
-        self.drop_zero_gates(step, floor=floor)
+    def keep_largest(self, step: int, params: int) -> None:
+        """Remove the ranks with the smallest |g| (zero gates first) until at most `params` parameters remain."""
         mags, _ = self.gate_stats()
-        if self.current_params() > self.budget_params:
-            keep = select_components(mags, self.costs, self.budget_params, self.budget.min_rank, self.budget.max_rank)
+        if self.current_params() > params:
+            keep = select_components(mags, self.costs, params, self.budget.min_rank, self.budget.max_rank)
             for name, idx in keep.items():
                 if idx.numel() < self.modules[name].r:
                     self.resize_module(name, idx, step=step, score=float(mags[name].sum()))
+
+    def cap_to_budget(self, step: int, floor: int) -> None:
+        """Drop zero gates (down to `floor` parameters), then keep the largest |g| that fit the Budget."""
+        self.drop_zero_gates(step, floor=floor)
+        self.keep_largest(step, self.budget_params)
         self.capped = True
         self.xi_mult = 1.0  # the structure now fits: back to the plain SoRA threshold
 

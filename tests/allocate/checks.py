@@ -145,10 +145,11 @@ def export_max_diff(run: Run, path: Path, seed: int = 0) -> float:
 
 
 # ---- resume --------------------------------------------------------------------------------------------------
-def resume_matches(name: str, k: int) -> tuple[bool, Run, dict]:
-    """Train SETUPS[name] straight, and k steps + checkpoint + restore into a fresh setup + the rest.
-    Returns (identical?, the straight run, the allocator state saved at step k)."""
-    budget, steps, config = SETUPS[name]
+def resume_matches(name: str, k: int, config: dict | None = None) -> tuple[bool, Run, dict]:
+    """Train SETUPS[name] (its config, or `config`) straight, and k steps + checkpoint + restore into a fresh
+    setup + the rest. Returns (identical?, the straight run, the allocator state saved at step k)."""
+    budget, steps, default = SETUPS[name]
+    config = default if config is None else config
     straight = build(name, budget, steps, config)
     straight.train(1, steps)
 

@@ -37,8 +37,9 @@ def test_budget_holds_from_the_cap_on_and_after_finalize(trained):
     assert all(run.params[t] <= 1024 for t in range(CAP, STEPS + 1))
     assert all(run.params[t] <= run.params[t - 1] for t in range(1, STEPS + 1)), "ranks only shrink"
     drops = [t for t in range(1, CAP) if run.params[t] < run.params[t - 1]]
-    assert drops and all(run.params[t] >= int(cubic_schedule(t, STEPS, 2048, 1024, 15, 30)) for t in drops), \
-        "before the cap, zero gates are dropped down to the schedule b(t), never below it"
+    cost = 64  # in + out of every module: the schedule is met to within one rank
+    assert drops and all(0 <= int(cubic_schedule(t, STEPS, 2048, 1024, 15, 30)) - run.params[t] < cost
+                         for t in drops if t > 15), "before the cap, ranks follow the schedule b(t)"
     assert run.alloc.current_params() <= 1024
     assert all(bool((a.rank_vector != 0).all()) for a in run.alloc.modules.values()), "finalize drops zero gates"
 
@@ -101,10 +102,26 @@ def test_two_processes_with_different_shards_make_identical_decisions():
 
 
 def test_resume_from_state_dicts_is_exact():
-    same, straight, saved = resume_matches("sora", k=100)
+    same, straight, saved = resume_matches("sora", k=60)
     assert same
-    assert saved["history"] and saved["xi_mult"] > 1, "the snapshot must hold rank changes and a raised xi"
-    assert any(h["step"] > 100 for h in straight.alloc.history), "the continuation must also remove ranks"
+    assert saved["history"], "the snapshot must hold rank changes"
+    assert any(h["step"] > 60 for h in straight.alloc.history), "the continuation must also remove ranks"
+
+
+def test_xi_schedule_raises_xi_and_resumes_exactly():
+    same, _, saved = resume_matches("sora", k=100, config={**CONFIG, "schedule": "xi"})
+    assert same and saved["xi_mult"] > 1, "the snapshot must hold a raised xi"
+
+
+def test_prune_schedule_keeps_the_surviving_gates_large():
+    """The xi schedule shrinks every gate by the same raised tau; the prune schedule leaves xi alone, so the
+    gates that survive stay near their trained size."""
+    runs = {}
+    for schedule in ("prune", "xi"):
+        run = build("sora", BUDGET, STEPS, {**CONFIG, "schedule": schedule})
+        run.train(1, CAP - 1)
+        runs[schedule] = torch.cat([a.rank_vector.detach().abs() for a in run.alloc.modules.values()])
+    assert runs["prune"][runs["prune"] > 0].mean() > runs["xi"][runs["xi"] > 0].mean()
 
 
 def test_config_errors_name_the_value():
