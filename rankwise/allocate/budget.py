@@ -99,13 +99,18 @@ def select_components(
     budget_params: int,
     min_rank: int = 0,
     max_rank: int | None = None,
+    per_param: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Keep the highest-scoring rank components under a parameter budget.
 
     scores: {module: (r_i,) score of each component}; costs: {module: in + out}. Each module first keeps its
-    `min_rank` best components; then components are taken by descending score while the budget allows and
-    the module is below `max_rank`. Ties break by module order then index, so the choice is deterministic.
-    Returns {module: sorted indices to keep}.
+    `min_rank` best components; then components are taken by descending score per parameter, score / cost
+    (per_param=False: by score), while the budget allows and the module is below `max_rank`. Ties break by
+    module order then index, so the choice is deterministic. Returns {module: sorted indices to keep}.
+
+    Per parameter is the greedy answer to "most total score for the budget" (a knapsack): a component of a
+    (384 -> 1536) FFN matrix costs 2.5x one of a (384 -> 384) attention matrix, so ranking by raw score, as
+    AdaLoRA does with its budget in ranks, spends a parameter budget on fewer, larger components.
     """
     keep: dict[str, list[int]] = {n: [] for n in scores}
     used = 0
@@ -115,7 +120,8 @@ def select_components(
         floor = order[: min(min_rank, len(order))]
         keep[name].extend(floor)
         used += len(floor) * costs[name]
-        pool.extend((-float(s[i]), mi, i, name) for i in order[len(floor):])
+        unit = costs[name] if per_param else 1
+        pool.extend((-float(s[i]) / unit, mi, i, name) for i in order[len(floor):])
     if used > budget_params:
         raise ValueError(f"min_rank={min_rank} alone needs {used:,} parameters, more than the budget {budget_params:,}.")
     for neg_score, _, idx, name in sorted(pool):

@@ -52,6 +52,16 @@ def test_select_components_respects_budget_min_max_and_scores():
     assert max(len(k) for k in capped.values()) == 2
 
 
+def test_select_components_ranks_by_score_per_parameter():
+    """Budget 40: one b component (score 3, cost 40) or four a components (score 1 each, cost 10): 4 > 3."""
+    scores = {"a": torch.tensor([1.0, 1.0, 1.0, 1.0]), "b": torch.tensor([3.0])}
+    costs = {"a": 10, "b": 40}
+    per_param = select_components(scores, costs, budget_params=40)
+    assert {n: len(k) for n, k in per_param.items()} == {"a": 4, "b": 0}
+    raw = select_components(scores, costs, budget_params=40, per_param=False)
+    assert {n: len(k) for n, k in raw.items()} == {"a": 0, "b": 1}
+
+
 def test_proportional_ranks_exactly_within_budget():
     weights = {"a": 3.0, "b": 1.0, "c": 0.0}
     costs = {"a": 64, "b": 64, "c": 128}
