@@ -61,15 +61,20 @@ def gaussian_triplets(adapter: LoraAdapter, k: int, std: float, generator: torch
     return q.to(dtype=like.dtype, device=like.device), p.to(dtype=like.dtype, device=like.device)
 
 
+def lora_start_rows(adapter: LoraAdapter, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k rows (k, in) like LoRA's A: U(-1/sqrt(in), 1/sqrt(in)), on the adapter's device and dtype."""
+    bound = 1.0 / adapter.in_features**0.5
+    q = (torch.rand(k, adapter.in_features, generator=generator) * 2 - 1) * bound
+    return q.to(dtype=adapter.lora_A.dtype, device=adapter.lora_A.device)
+
+
 @torch.no_grad()
 def to_svd_form(adapter: LoraAdapter, std: float, generator: torch.Generator, scale: float | None,
                 init: str = "gaussian") -> None:
     """Re-initialise `adapter` in place as AdaLoRA triplets with dW = 0: "gaussian" P, Q ~ N(0, std^2) and
     lambda = 0 (the paper); "lora" Q ~ U(-1/sqrt(in), 1/sqrt(in)) (LoRA's A), P = 0, lambda = 1."""
     if init == "lora":
-        bound = 1.0 / adapter.in_features**0.5
-        q = (torch.rand(adapter.r, adapter.in_features, generator=generator) * 2 - 1) * bound
-        adapter.lora_A.copy_(q.to(dtype=adapter.lora_A.dtype, device=adapter.lora_A.device))
+        adapter.lora_A.copy_(lora_start_rows(adapter, adapter.r, generator))
         adapter.lora_B.zero_()
         adapter.enable_rank_vector(1.0).data.fill_(1.0)
     else:

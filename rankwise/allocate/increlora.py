@@ -44,6 +44,7 @@ from rankwise.allocate.adalora import (
     SensitivityEMA,
     check_state_ranks,
     gaussian_triplets,
+    lora_start_rows,
     orthogonality_loss,
     resolve_steps,
     to_svd_form,
@@ -234,11 +235,9 @@ class IncreLora(Allocator):
         if self.config.init == "gaussian":
             q, p = gaussian_triplets(adapter, k, self.config.init_std, self.generator)
             return q, p, self.config.new_lambda
-        bound = 1.0 / adapter.in_features**0.5
-        q = (torch.rand(k, adapter.in_features, generator=self.generator) * 2 - 1) * bound
         like = adapter.lora_A
         p = torch.zeros(adapter.out_features, k, dtype=like.dtype, device=like.device)
-        return q.to(dtype=like.dtype, device=like.device), p, 1.0
+        return lora_start_rows(adapter, k, self.generator), p, 1.0
 
     def _remove_hooks(self) -> None:
         for h in self._hooks:
