@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from rankwise.serve.kernels import pdl
 from rankwise.serve.kernels.triton_fused import rope_rows
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1, used by the CI parity tests) multiplies bf16 tiles wrongly in
@@ -65,6 +66,7 @@ def _paged_decode_kernel(
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_btb, stride_ob, stride_oh, stride_cos,
     H: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
     BS: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr, UP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -85,6 +87,9 @@ def _paged_decode_kernel(
         c_off = tl.where(active, new_blk, 0) * stride_kb + (pos % BS) * stride_kt + kvh * stride_kh
         cos = tl.load(cos_ptr + pos * stride_cos + offs_d).to(tl.float32)[None, :]
         sin = tl.load(sin_ptr + pos * stride_cos + offs_d).to(tl.float32)[None, :]
+        if PDL:  # positions, block tables and rotary tables are not written by the step's earlier kernels
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row = q_ptr + b * stride_qb
         q = rope_rows(tl.load(row + heads[:, None] * D + offs_d[None, :], mask=mask_g[:, None], other=0.0),
                       tl.load(row + heads[:, None] * D + rot_d[None, :], mask=mask_g[:, None], other=0.0),
@@ -96,6 +101,9 @@ def _paged_decode_kernel(
         tl.store(v_ptr + c_off + offs_d[None, :], v_new)
         n_cached = n_ctx - 1  # the new token is the row's last; it is added from registers below
     else:
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                     mask=mask_g[:, None], other=0.0)                                            # (BLOCK_G, D)
         n_ctx = tl.load(ctx_ptr + b)
@@ -207,6 +215,7 @@ def _launch_decode(q, k_cache, v_cache, block_tables, lens, out, scale, stride_q
         out.stride(0), out.stride(1), cos.stride(0) if rope is not None else 0,
         H=H, HKV=H_kv, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=D, BS=BS,
         BLOCK_N=128 if D <= 64 else 64, ROPE=rope is not None, IEEE=out.dtype == torch.float32, UP=UPCAST,
+        **pdl.launch_options(out),
     )
 
 

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rankwise.serve.kernels import pdl
+
 
 @triton.jit
 def _add_rms_kernel(
@@ -24,11 +26,15 @@ def _add_rms_kernel(
     out_ptr,      # (T, N) normalised
     rout_ptr,     # (T, N) x + res, written when HAS_RES
     N, eps, stride_x, stride_res, stride_out, stride_rout,
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    if PDL:  # x and res come from the kernels before (pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0)
@@ -37,7 +43,6 @@ def _add_rms_kernel(
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / N
     h = (xf * tl.rsqrt(var + eps)).to(out_ptr.dtype.element_ty)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     tl.store(out_ptr + row * stride_out + offs, (w.to(tl.float32) * h.to(tl.float32)).to(out_ptr.dtype.element_ty),
              mask=mask)
 
@@ -58,7 +63,7 @@ def add_rms(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         _add_rms_kernel[(x.shape[0],)](
             x, residual if residual is not None else x, weight, out, rout, x.shape[1], eps, x.stride(0),
             residual.stride(0) if residual is not None else 0, out.stride(0), rout.stride(0),
-            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(x.shape[1]))
+            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(x.shape[1]), **pdl.launch_options(x))
     return out, rout
 
 
@@ -136,8 +141,11 @@ def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: 
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, I, stride_gu, stride_out, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gu_ptr, out_ptr, I, stride_gu, stride_out, BLOCK: tl.constexpr, PDL: tl.constexpr):
     # gu: (T, 2 I) = [gate | up];  out: (T, I)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < I
@@ -156,5 +164,6 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     out = torch.empty((T, I), dtype=gu.dtype, device=gu.device)
     if T:
         BLOCK = min(1024, triton.next_power_of_2(I))
-        _silu_mul_kernel[(T, triton.cdiv(I, BLOCK))](gu, out, I, gu.stride(0), out.stride(0), BLOCK=BLOCK)
+        _silu_mul_kernel[(T, triton.cdiv(I, BLOCK))](gu, out, I, gu.stride(0), out.stride(0), BLOCK=BLOCK,
+                                                     **pdl.launch_options(gu))
     return out

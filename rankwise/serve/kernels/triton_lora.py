@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rankwise.serve.kernels import pdl
+
 # Triton's CPU interpreter (TRITON_INTERPRET=1, used by the CI parity tests) multiplies bf16 tiles wrongly in
 # tl.dot; there the operands are widened to float32 first (exact: bf16 values are exact in fp32).
 UPCAST = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -57,25 +59,29 @@ def _lora_shrink_kernel(
     rank_ptr,     # (S,) int64 R_s
     K, stride_x, stride_ys, stride_y,
     K_PER: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
-    UP: tl.constexpr,
+    UP: tl.constexpr, PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     rb = tl.program_id(1)
     ks = tl.program_id(2)
+    # the step's grouping and the adapter tables are written by no kernel of the step: read before the PDL wait
     slot = tl.load(bslot_ptr + b)
-    if slot < 0:
-        return
-    R = tl.load(rank_ptr + slot)
-    if rb * BLOCK_R >= R:
-        return
+    R = tl.load(rank_ptr + tl.maximum(slot, 0))
     start = tl.load(bstart_ptr + b)
     end = tl.load(bend_ptr + b)
+    a_base = tl.load(offA_ptr + tl.maximum(slot, 0))
     offs_t = start + tl.arange(0, BLOCK_T)
     mask_t = offs_t < end
     tok = tl.load(tok_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
+    if PDL:  # every program waits, also one with nothing to do (pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    if slot < 0:
+        return
+    if rb * BLOCK_R >= R:
+        return
     offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
-    a_base = tl.load(offA_ptr + slot)
     acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
     for k0 in range(ks * K_PER, ks * K_PER + K_PER, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -102,32 +108,38 @@ def _lora_expand_kernel(
     offG_ptr,     # (P, S) int64 DoRA factor g_sp (N_p,), -1: none
     S, c1, c2, w0, w1, w2, SPLIT, stride_ys, stride_y, stride_out, NBLK_N,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr, UP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     pid = tl.program_id(1)
+    # tables and grouping first (no kernel of the step writes them), then the PDL wait, then y and out
     slot = tl.load(bslot_ptr + b)
-    if slot < 0:
-        return
     p = pid // NBLK_N
     nb = pid % NBLK_N
-    r = tl.load(rankB_ptr + p * S + slot)
-    if r == 0:
-        return
+    ps = p * S + tl.maximum(slot, 0)
+    r = tl.load(rankB_ptr + ps)
     width = tl.where(p == 0, w0, tl.where(p == 1, w1, w2))
-    if nb * BLOCK_N >= width:
-        return
     c0 = tl.where(p == 0, 0, tl.where(p == 1, c1, c2))
     start = tl.load(bstart_ptr + b)
     end = tl.load(bend_ptr + b)
     offs_t = start + tl.arange(0, BLOCK_T)
     mask_t = offs_t < end
     tok = tl.load(tok_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
+    row0 = tl.load(r0_ptr + ps)
+    b_base = tl.load(offB_ptr + ps)
+    scale = tl.load(scale_ptr + ps)
+    g_off = tl.load(offG_ptr + ps)
+    if PDL:  # every program waits, also one with nothing to do (pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    if slot < 0:
+        return
+    if r == 0:
+        return
+    if nb * BLOCK_N >= width:
+        return
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < width
-    row0 = tl.load(r0_ptr + p * S + slot)
-    b_base = tl.load(offB_ptr + p * S + slot)
-    scale = tl.load(scale_ptr + p * S + slot)
-    g_off = tl.load(offG_ptr + p * S + slot)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     for j0 in range(0, r, BLOCK_R):
         offs_j = j0 + tl.arange(0, BLOCK_R)
@@ -205,6 +217,7 @@ def lora_shrink(
         x, pool, y, tok_idx, blk_start, blk_end, blk_slot, offA, rankA,
         x.shape[1], x.stride(0), y.stride(0), y.stride(1),
         K_PER=k_per, BLOCK_T=block_t, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, IEEE=x.dtype == torch.float32, UP=UPCAST,
+        **pdl.launch_options(x),
     )
 
 
@@ -244,6 +257,7 @@ def lora_expand(
         y, out, pool, tok_idx, blk_start, blk_end, blk_slot, offB, rankB, r0, scale, offG,
         S, cols[0], cols[1], widths[0], widths[1], widths[2], split, y.stride(0), y.stride(1), out.stride(0), nblk,
         BLOCK_T=block_t, BLOCK_N=BLOCK_N, BLOCK_R=block_r, IEEE=out.dtype == torch.float32, UP=UPCAST,
+        **pdl.launch_options(out),
     )
 
 

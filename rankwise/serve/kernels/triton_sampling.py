@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rankwise.serve.kernels import pdl
+
 
 @triton.jit
 def _argmax_chunks_kernel(
@@ -24,8 +26,11 @@ def _argmax_chunks_kernel(
     val_ptr,      # (B, NCH) float32 chunk maxima
     idx_ptr,      # (B, NCH) int32 first index of each chunk's maximum
     V, stride_l,
-    CHUNK: tl.constexpr, NCH: tl.constexpr,
+    CHUNK: tl.constexpr, NCH: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:  # pdl.py
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     c = tl.program_id(1)
     offs = c * CHUNK + tl.arange(0, CHUNK)
@@ -43,8 +48,11 @@ def _argmax_finish_kernel(
     tok_ptr,      # (B,) int64 the rows' next input tokens, advanced in place
     pos_ptr,      # (B,) int64 their positions, advanced in place
     active_ptr,   # (B,) bool
-    NCH: tl.constexpr,
+    NCH: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     offs = tl.arange(0, NCH)
     vals = tl.load(val_ptr + b * NCH + offs)
@@ -74,6 +82,7 @@ def greedy_advance(logits: torch.Tensor, tokens: torch.Tensor, positions: torch.
     idx = torch.empty((B, nch), dtype=torch.int32, device=logits.device)
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
     if B:
-        _argmax_chunks_kernel[(B, nch)](logits, vals, idx, V, logits.stride(0), CHUNK=chunk, NCH=nch)
-        _argmax_finish_kernel[(B,)](vals, idx, out, tokens, positions, active, NCH=nch)
+        _argmax_chunks_kernel[(B, nch)](logits, vals, idx, V, logits.stride(0), CHUNK=chunk, NCH=nch,
+                                         **pdl.launch_options(logits))
+        _argmax_finish_kernel[(B,)](vals, idx, out, tokens, positions, active, NCH=nch, **pdl.launch_options(logits))
     return out

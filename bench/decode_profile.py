@@ -1,0 +1,278 @@
+"""Where a batch-32 decode step's device time goes (GPU machine), and what candidate changes would buy.
+
+Usage: python3 bench/decode_profile.py [--out DIR]. Builds the engine of bench/serve.py (random-weight
+Llama-3.2-1B shape, bf16, 32 rows), sets the 32 rows up directly (context 192, the benchmark's mean) with no adapter
+or with 32 distinct q/k/v/o adapters (ranks 8-64), and for each variant captures the decode graph afresh and times
+its replays with CUDA events:
+  - side stream on / off (does the LoRA shrink overlap the base GEMM?), PDL off / on (`kernels/pdl.py`);
+  - one torch.profiler trace per case: device time per kernel, busy time (union of kernel intervals) per step;
+  - candidate skinny GEMMs (`kernels/triton_gemm.py`) against cuBLAS at the step's shapes, as CUDA graphs.
+Writes decode_profile.json; prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import serve as sb  # noqa: E402  (bench/serve.py)
+
+from rankwise.serve.config import EngineConfig  # noqa: E402
+from rankwise.serve.engine import Engine  # noqa: E402
+from rankwise.serve.kernels import pdl  # noqa: E402
+from rankwise.serve.lora_batch import plan_blocks  # noqa: E402
+
+B, CTX = 32, 192
+
+
+def setup_rows(engine: Engine, slots: list[int]) -> None:
+    """Rows [0, B) decoding at position CTX - 1 over distinct random KV blocks, adapter slot per row."""
+    b = engine.batch
+    nblk = -(-CTX // engine.kv.block_size) + 8
+    perm = torch.randperm(engine.kv.k.shape[1] - 1)[: B * nblk] + 1
+    b.block_tables.zero_()
+    b.block_tables[:B, :nblk] = perm.view(B, nblk).to(torch.int32).to(b.block_tables.device)
+    b.active[:B] = True
+    b.tokens[:B] = torch.randint(0, 1000, (B,), device=b.tokens.device)
+    order, st, en, sl = plan_blocks(slots, b.block_t, num_blocks=b.R)
+    b.l_meta.copy_(torch.tensor([order, st, en, sl], dtype=torch.int32))
+    b.any_lora = any(s >= 0 for s in slots)
+    b.all_greedy = True
+
+
+def reset_positions(engine: Engine) -> None:
+    engine.batch.positions[:B] = CTX - 1
+
+
+def graph_step_ms(engine: Engine, sites, replays: int = 40) -> float:
+    b = engine.batch
+    reset_positions(engine)
+    b.capture(B, sites, True)
+    graph, _ = b.graphs[(B, sites, True)]
+    times = []
+    for _ in range(3):
+        reset_positions(engine)
+        graph.replay()
+        torch.cuda.synchronize()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(replays):
+            graph.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / replays)
+    reset_positions(engine)
+    return sorted(times)[1]
+
+
+def profile_case(engine: Engine, sites, steps: int = 5, graph: bool = True) -> dict:
+    """Kernels of `steps` decode steps (graph replays, or eager forwards): per kernel name us per step, and the
+    busy (union) and span time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    b = engine.batch
+    reset_positions(engine)
+    if graph:
+        g, _ = b.graphs[(B, sites, True)]
+        fn = g.replay
+    else:
+        fn = lambda: b._decode_forward(B, sites, True)  # noqa: E731
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    reset_positions(engine)
+    path = Path(tempfile.mkdtemp()) / "trace.json"
+    prof.export_chrome_trace(str(path))
+    ev = [e for e in json.loads(path.read_text())["traceEvents"] if e.get("cat") == "kernel"]
+    if not ev:
+        return {"kernels": 0}
+    per = defaultdict(float)
+    cnt = defaultdict(int)
+    for e in ev:
+        name = e["name"]
+        key = name if len(name) < 60 else name[:60]
+        per[key] += e["dur"] / steps
+        cnt[key] += 1
+    iv = sorted((e["ts"], e["ts"] + e["dur"]) for e in ev)
+    busy, cur_s, cur_e = 0.0, iv[0][0], iv[0][1]
+    for s, e in iv[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    streams = sorted({e.get("tid") for e in ev}, key=str)
+    top = sorted(per.items(), key=lambda kv: -kv[1])
+    return {"kernels_per_step": len(ev) / steps, "kernel_sum_us": sum(per.values()), "busy_us": busy / steps,
+            "span_us": (iv[-1][1] - iv[0][0]) / steps, "streams": [str(s) for s in streams],
+            "by_kernel_us": {k: round(v, 2) for k, v in top}, "count_per_step": {k: cnt[k] / steps for k, _ in top}}
+
+
+def graph_us(fn, calls: int = 20) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(5):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        ts.append(1e3 * s.elapsed_time(e) / calls)
+    return sorted(ts)[2]
+
+
+def gemm_candidates(engine: Engine) -> list[dict]:
+    from rankwise.serve.kernels.triton_gemm import gate_up_silu, skinny_matmul
+    from rankwise.serve.kernels.triton_fused import silu_mul
+
+    w = engine.model.w
+    rows = []
+    for key in ("qkv", "o", "gu", "d"):
+        W = w[f"0.{key}"]
+        x = torch.randn(B, W.shape[1], device=W.device, dtype=W.dtype) * 0.5
+        ref = x @ W.t()
+        if key == "gu":
+            ref_m = silu_mul(ref)
+            rows.append({"site": key, "impl": "cuBLAS + silu_mul", "us": graph_us(lambda: silu_mul(x @ W.t()))})
+        else:
+            rows.append({"site": key, "impl": "cuBLAS", "us": graph_us(lambda: x @ W.t())})
+        N = W.shape[0] // 2 if key == "gu" else W.shape[0]
+        for bn in (16, 32, 64):
+            for bk in (128, 256):
+                for warps, stages in ((4, 3), (4, 4), (4, 6), (8, 4)):
+                    if N % bn or W.shape[1] % bk:
+                        continue
+                    try:
+                        if key == "gu":
+                            f = lambda: gate_up_silu(x, W, block_n=bn, block_k=bk, num_warps=warps,  # noqa: E731
+                                                     num_stages=stages)
+                            err = (f().float() - ref_m.float()).abs().max().item()
+                        else:
+                            f = lambda: skinny_matmul(x, W, block_n=bn, block_k=bk, num_warps=warps,  # noqa: E731
+                                                      num_stages=stages)
+                            err = (f().float() - ref.float()).abs().max().item()
+                        rows.append({"site": key, "impl": f"triton bn={bn} bk={bk} w={warps} s={stages}",
+                                     "us": graph_us(f), "max_err": err})
+                    except Exception as exc:  # a shape that does not compile or fit is not a candidate
+                        rows.append({"site": key, "impl": f"triton bn={bn} bk={bk} w={warps} s={stages}",
+                                     "error": str(exc)[:200]})
+        best = min((r for r in rows if r["site"] == key and "us" in r and r["impl"].startswith("triton")),
+                   key=lambda r: r["us"], default=None)
+        print(key, rows[[r["site"] for r in rows].index(key)], "best triton", best, flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--work", default=None)
+    args = ap.parse_args()
+    out: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
+    res_path = Path(args.out) / "decode_profile.json"
+
+    def save():
+        res_path.write_text(json.dumps(out, indent=1, default=str))
+
+    root = Path(args.work or tempfile.mkdtemp(prefix="rankwise-prof-"))
+    hf = sb.build_hf(torch.bfloat16)
+    names = sb.write_adapters(root / "a", "q", 32, sb.QKVO, 16)
+    cfg = EngineConfig(max_num_seqs=32, max_model_len=1024, max_gpu_adapters=128, lora_pool_mb=4096,
+                       max_host_adapters=64, adapter_load_threads=8)
+    engine = Engine(hf, cfg, adapter_dir=root / "a", eos_token_ids=())
+    t = time.perf_counter()
+    engine.warmup()
+    out["warmup_s"] = time.perf_counter() - t
+    out["lora_launch"] = [vars(x) for x in engine.batch.lora_launch]
+    engine.preload(names, on_device=True)
+    slots = [engine.adapters.acquire(n) for n in names]
+    assert all(s is not None and s >= 0 for s in slots), slots
+    engine.batch.site_mask = engine.adapters.site_mask()
+    qkvo = (True, True, False, False)
+    print("warmup", out["warmup_s"], out["lora_launch"], flush=True)
+
+    steps = {}
+    side = engine.batch.lora_ctx["stream"]
+    for pdl_on in (False, True):
+        pdl.ENABLED = pdl_on
+        tag = "pdl" if pdl_on else "nopdl"
+        try:
+            setup_rows(engine, [-1] * B)
+            steps[f"base {tag}"] = graph_step_ms(engine, None)
+            setup_rows(engine, slots)
+            engine.batch.lora_ctx["stream"] = side
+            steps[f"lora32 side-stream {tag}"] = graph_step_ms(engine, qkvo)
+            engine.batch.lora_ctx["stream"] = None
+            steps[f"lora32 one-stream {tag}"] = graph_step_ms(engine, qkvo)
+            setup_rows(engine, [slots[0]] * B)
+            steps[f"lora 1 adapter one-stream {tag}"] = graph_step_ms(engine, qkvo)
+            engine.batch.lora_ctx["stream"] = side
+            steps[f"lora 1 adapter side-stream {tag}"] = graph_step_ms(engine, qkvo)
+        except Exception as exc:
+            steps[f"error {tag}"] = repr(exc)[:500]
+        print(tag, {k: v for k, v in steps.items() if tag in k}, flush=True)
+        out["graph_step_ms"] = steps
+        save()
+    pdl.ENABLED = False
+    engine.batch.lora_ctx["stream"] = side
+
+    prof = {}
+    for label, sl, sites in (("base", [-1] * B, None), ("lora32", slots, qkvo)):
+        setup_rows(engine, sl)
+        graph_step_ms(engine, sites, replays=5)  # recapture without PDL
+        for graph in (True, False):
+            try:
+                prof[f"{label} {'graph' if graph else 'eager'}"] = profile_case(engine, sites, graph=graph)
+            except Exception as exc:
+                prof[f"{label} {'graph' if graph else 'eager'}"] = {"error": repr(exc)[:300]}
+    out["profile"] = prof
+    save()
+    out["gemm_candidates"] = gemm_candidates(engine)
+    save()
+
+    print("\n== graph step ms (batch 32, context 192) ==")
+    for k, v in steps.items():
+        print(f"{k:<40} {v if isinstance(v, str) else f'{v:.4f}'}")
+    for k, p in prof.items():
+        if "by_kernel_us" not in p:
+            print(k, p)
+            continue
+        print(f"\n== {k}: {p['kernels_per_step']:.0f} kernels/step, sum {p['kernel_sum_us']:.0f} us, busy "
+              f"{p['busy_us']:.0f} us, span {p['span_us']:.0f} us, streams {p['streams']}")
+        for name, us in list(p["by_kernel_us"].items())[:14]:
+            print(f"  {us:8.1f} us  x{p['count_per_step'][name]:<5.0f} {name}")
+    print("\n== GEMMs at batch 32 (us, graph) ==")
+    for site in ("qkv", "o", "gu", "d"):
+        rs = [r for r in out["gemm_candidates"] if r["site"] == site and "us" in r]
+        rs.sort(key=lambda r: r["us"])
+        base = [r for r in rs if not r["impl"].startswith("triton")]
+        print(site, "baseline", base[0]["us"] if base else None, "| best:",
+              [(r["impl"], round(r["us"], 2), r.get("max_err")) for r in rs[:3]])
+
+
+if __name__ == "__main__":
+    main()

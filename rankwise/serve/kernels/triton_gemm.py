@@ -1,0 +1,115 @@
+"""Skinny GEMMs of a decode step (a few dozen rows against a weight matrix), with the SiLU-mul of the MLP fused.
+
+Specification (`model.py`, eager PyTorch; outputs rounded to the model dtype as those ops round):
+
+    skinny_matmul:  out = x @ w^T                                    x: (M, K), w: (N, K) -> (M, N)
+    gate_up_silu:   g, u = x @ w[:I]^T, x @ w[I:]^T (rounded);  out = silu(g) * u     w: (2 I, K) -> (M, I)
+
+One program per BLOCK_N output columns holds all M rows (M <= 64) and streams its columns' weights once over K;
+the weight bytes dominate (M x K activations are re-read from L2 by every program). `gate_up_silu` computes the
+gate and up columns j of one tile in the same program, so the SiLU-mul is the GEMM's epilogue: the decode MLP
+loses a kernel and the (M, 2 I) intermediate.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from rankwise.serve.kernels import pdl
+
+# Triton's CPU interpreter (TRITON_INTERPRET=1, the CI parity tests) multiplies bf16 tiles wrongly in tl.dot; there
+# the operands are widened to float32 first (exact).
+UPCAST = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _skinny_kernel(
+    x_ptr,        # (M, K) activations
+    w_ptr,        # (N, K) weight rows; with SILU (2 I, K) = [gate; up]
+    out_ptr,      # (M, N) or, with SILU, (M, I)
+    M, K, I, stride_x, stride_w, stride_o,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU: tl.constexpr, UP: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + offs_m[:, None] * stride_x + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[:, None] * stride_w + offs_k[None, :]
+    if SILU:
+        u_ptrs = w_ptr + (I + offs_n[:, None]) * stride_w + offs_k[None, :]
+    if PDL:  # only the activations come from the kernel before (pdl.py)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)                    # (BLOCK_M, BLOCK_K)
+        w = tl.load(w_ptrs + k0)                                                      # (BLOCK_N, BLOCK_K)
+        if UP:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc)
+        if SILU:
+            wu = tl.load(u_ptrs + k0)
+            if UP:
+                wu = wu.to(tl.float32)
+            acc_u = tl.dot(x, tl.trans(wu), acc_u)
+    dt = out_ptr.dtype.element_ty
+    if SILU:  # silu_mul's rounding: g, u rounded as the GEMM's output, silu(g) rounded, the product rounded
+        g = acc.to(dt).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        res = (s * acc_u.to(dt).to(tl.float32)).to(dt)
+    else:
+        res = acc.to(dt)
+    tl.store(out_ptr + offs_m[:, None] * stride_o + offs_n[None, :], res, mask=mask_m[:, None])
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, n_out: int, block_n: int, block_k: int) -> None:
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or x.dtype != w.dtype:
+        raise ValueError(f"x (M, K) and w (N, K) of one dtype, got {tuple(x.shape)} {x.dtype}, {tuple(w.shape)} "
+                         f"{w.dtype}.")
+    if x.stride(1) != 1 or w.stride(1) != 1:
+        raise ValueError("x and w need contiguous rows.")
+    if x.shape[0] > 64:
+        raise ValueError(f"M={x.shape[0]} rows: the skinny GEMM holds every row in one tile (M <= 64); use cuBLAS.")
+    if n_out % block_n or x.shape[1] % block_k:
+        raise ValueError(f"N={n_out} and K={x.shape[1]} must be multiples of block_n={block_n}, block_k={block_k}.")
+
+
+def skinny_matmul(x: torch.Tensor, w: torch.Tensor, *, block_n: int = 32, block_k: int = 256, num_warps: int = 4,
+                  num_stages: int = 4, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w^T for x: (M <= 64, K), w: (N, K) -> (M, N)."""
+    _check(x, w, w.shape[0], block_n, block_k)
+    M, K = x.shape
+    N = w.shape[0]
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
+    if M:
+        _skinny_kernel[(N // block_n,)](x, w, out, M, K, 0, x.stride(0), w.stride(0), out.stride(0),
+                                        BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block_k,
+                                        SILU=False, UP=UPCAST, num_warps=num_warps, num_stages=num_stages,
+                                        **pdl.launch_options(x))
+    return out
+
+
+def gate_up_silu(x: torch.Tensor, w_gu: torch.Tensor, *, block_n: int = 32, block_k: int = 256,
+                 num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
+    """silu(x @ w_gu[:I]^T) * (x @ w_gu[I:]^T) for x: (M <= 64, K), w_gu: (2 I, K) -> (M, I)."""
+    if w_gu.shape[0] % 2:
+        raise ValueError(f"w_gu must stack gate and up rows, (2 I, K); got {tuple(w_gu.shape)}.")
+    I = w_gu.shape[0] // 2
+    _check(x, w_gu, I, block_n, block_k)
+    M, K = x.shape
+    out = torch.empty((M, I), dtype=x.dtype, device=x.device)
+    if M:
+        _skinny_kernel[(I // block_n,)](x, w_gu, out, M, K, I, x.stride(0), w_gu.stride(0), out.stride(0),
+                                        BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block_k,
+                                        SILU=True, UP=UPCAST, num_warps=num_warps, num_stages=num_stages,
+                                        **pdl.launch_options(x))
+    return out
