@@ -116,7 +116,8 @@ def select_components(
     used = 0
     pool: list[tuple[float, int, int, str]] = []
     for mi, (name, s) in enumerate(scores.items()):
-        order = torch.argsort(s.detach().float().cpu(), descending=True, stable=True).tolist()
+        s = s.detach().float().cpu()  # one copy per module: float(s[i]) on a GPU tensor would sync per component
+        order = torch.argsort(s, descending=True, stable=True).tolist()
         floor = order[: min(min_rank, len(order))]
         keep[name].extend(floor)
         used += len(floor) * costs[name]

@@ -168,7 +168,8 @@ class Sora(Allocator):
         flat = torch.cat([g.detach().abs().float() for g in gates]
                          + [g.grad.detach().abs().float() if g.grad is not None else torch.zeros(g.numel(), device=g.device)
                             for g in gates])
-        mags, grads = torch.split(all_reduce_mean(flat), flat.numel() // 2)
+        # on the host: the decisions below index single components (on a GPU tensor each would be a sync)
+        mags, grads = torch.split(all_reduce_mean(flat).cpu(), flat.numel() // 2)
         sizes = [a.r for a in self.modules.values()]
         return dict(zip(self.modules, torch.split(mags, sizes))), dict(zip(self.modules, torch.split(grads, sizes)))
 
