@@ -217,6 +217,10 @@ def main() -> None:
 
     steps = {}
     side = engine.batch.lora_ctx["stream"]
+    tuned = dict(engine.model.decode_gemm)
+    out["decode_gemm"] = {k: vars(v) for k, v in tuned.items()}
+    print("decode_gemm", out["decode_gemm"], flush=True)
+    engine.model.decode_gemm = {}
     for pdl_on in (False, True):
         pdl.ENABLED = pdl_on
         tag = "pdl" if pdl_on else "nopdl"
@@ -234,6 +238,15 @@ def main() -> None:
             steps[f"lora 1 adapter side-stream {tag}"] = graph_step_ms(engine, qkvo)
         except Exception as exc:
             steps[f"error {tag}"] = repr(exc)[:500]
+        try:
+            engine.model.decode_gemm = tuned
+            setup_rows(engine, [-1] * B)
+            steps[f"base skinny-gemms {tag}"] = graph_step_ms(engine, None)
+            setup_rows(engine, slots)
+            steps[f"lora32 side-stream skinny-gemms {tag}"] = graph_step_ms(engine, qkvo)
+        except Exception as exc:
+            steps[f"error skinny {tag}"] = repr(exc)[:500]
+        engine.model.decode_gemm = {}
         print(tag, {k: v for k, v in steps.items() if tag in k}, flush=True)
         out["graph_step_ms"] = steps
         save()

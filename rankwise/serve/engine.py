@@ -398,6 +398,7 @@ class Engine:
                 tune_launch(L.site_in[s], tuple(b - a for a, b in zip(L.part_cols[s], L.part_cols[s][1:])),
                             self.config.max_num_seqs, self.config.max_lora_rank, self.dtype, self.device)
                 for s in range(4))
+        self._tune_decode_gemms()
         self._warm_prefill()
         if self.batch.use_graphs:
             for b in self.config.buckets():
@@ -405,6 +406,20 @@ class Engine:
                     for greedy in (True, False):
                         self.batch.capture(b, sites, greedy)
         torch.cuda.synchronize()
+
+    def _tune_decode_gemms(self) -> None:
+        """Per weight, the skinny Triton GEMM (`kernels/triton_gemm.py`) for decode steps where it beats cuBLAS at
+        max_num_seqs rows, and the gate/up GEMM with the SiLU-mul fused (bf16 / fp16 models with Triton attention)."""
+        M = self.config.max_num_seqs
+        if self.attention_backend != "triton" or self.dtype not in (torch.bfloat16, torch.float16) or M > 64:
+            return
+        from rankwise.serve.kernels.triton_gemm import tune_skinny
+
+        w = self.model.w
+        choice = {k: tune_skinny(w[f"0.{k}"], M, False) for k in ("qkv", "o", "gu", "d")}
+        if self.model.spec.hidden_act == "silu":
+            choice["gu_silu"] = tune_skinny(w["0.gu"], M, True)
+        self.model.decode_gemm = {k: v for k, v in choice.items() if v is not None}
 
     def _warm_prefill(self) -> None:
         # scratch inputs name no adapter (every LoRA block has slot -1), so this is safe with adapters resident

@@ -144,6 +144,9 @@ class LlamaFamilyModel:
         # "triton": paged decode attention and the fused elementwise kernels (GPU); else the PyTorch reference
         self.use_triton = attention_backend == "triton"
         self.scale = spec.head_dim ** -0.5
+        # weight key ("qkv", "o", "gu", "d"; "gu_silu": gate/up GEMM with the SiLU-mul fused) -> `SkinnyLaunch` of
+        # the Triton GEMM used for steps of <= 64 tokens (decode); set by `Engine.warmup` where it beat cuBLAS
+        self.decode_gemm: dict = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -199,10 +202,19 @@ class LlamaFamilyModel:
 
     # ---- forward ---------------------------------------------------------------------------------------
 
+    def _matmul(self, x: torch.Tensor, key: str, weight: torch.Tensor) -> torch.Tensor:
+        """x (T, in) @ weight^T: the tuned skinny Triton GEMM for decode-sized T, else cuBLAS."""
+        launch = self.decode_gemm.get(key) if x.shape[0] <= 64 else None
+        if launch is None:
+            return x @ weight.t()
+        from rankwise.serve.kernels.triton_gemm import skinny_matmul
+
+        return skinny_matmul(x, weight, **vars(launch))
+
     def _linear(self, x: torch.Tensor, layer: int, site: int, key: str, lora: LoraContext | None) -> torch.Tensor:
         weight = self.w[f"{layer}.{key}"]
         if lora is None or not lora.sites[site]:
-            out = x @ weight.t()
+            out = self._matmul(x, key, weight)
         else:
             args = (lora.step, lora.tables, lora.pool, lora.layout, lora.max_lora_rank, lora.backend,
                     lora.launch[site] if lora.launch else None)
@@ -211,11 +223,11 @@ class LlamaFamilyModel:
                 lora.stream.wait_stream(main)
                 with torch.cuda.stream(lora.stream):
                     lora_shrink_site(site, layer, x, *args)
-                out = x @ weight.t()
+                out = self._matmul(x, key, weight)
                 main.wait_stream(lora.stream)
             else:
                 lora_shrink_site(site, layer, x, *args)
-                out = x @ weight.t()
+                out = self._matmul(x, key, weight)
             lora_expand_site(site, layer, x, out, *args)
         bias = self.w.get(f"{layer}.{key}_b")
         return out if bias is None else out + bias
@@ -307,13 +319,19 @@ class LlamaFamilyModel:
             qkv = self._linear(h, i, 0, "qkv", lora)                     # (T, q_out + 2 kv_out)
             a = self._attend(i, qkv, positions, kv, attn)                # (T, q_out)
             h, residual = self._add_norm(self._linear(a, i, 1, "o", lora), residual, f"{i}.ln2")
-            gu = self._linear(h, i, 2, "gu", lora)                       # (T, 2 intermediate)
-            if self.use_triton and s.hidden_act == "silu":
-                from rankwise.serve.kernels.triton_fused import silu_mul
+            fused = self.decode_gemm.get("gu_silu") if h.shape[0] <= 64 else None
+            if fused is not None and (lora is None or not lora.sites[2]) and f"{i}.gu_b" not in self.w:
+                from rankwise.serve.kernels.triton_gemm import gate_up_silu
 
-                m = silu_mul(gu)
+                m = gate_up_silu(h, self.w[f"{i}.gu"], **vars(fused))      # (T, intermediate)
             else:
-                m = self.act(gu[:, : s.intermediate]) * gu[:, s.intermediate:]
+                gu = self._linear(h, i, 2, "gu", lora)                   # (T, 2 intermediate)
+                if self.use_triton and s.hidden_act == "silu":
+                    from rankwise.serve.kernels.triton_fused import silu_mul
+
+                    m = silu_mul(gu)
+                else:
+                    m = self.act(gu[:, : s.intermediate]) * gu[:, s.intermediate:]
             nxt = f"{i + 1}.ln1" if i + 1 < s.num_layers else "norm"
             h, residual = self._add_norm(self._linear(m, i, 3, "d", lora), residual, nxt)
         return h

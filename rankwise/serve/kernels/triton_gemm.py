@@ -14,6 +14,7 @@ loses a kernel and the (M, 2 I) intermediate.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -113,3 +114,66 @@ def gate_up_silu(x: torch.Tensor, w_gu: torch.Tensor, *, block_n: int = 32, bloc
                                         SILU=True, UP=UPCAST, num_warps=num_warps, num_stages=num_stages,
                                         **pdl.launch_options(x))
     return out
+
+
+# ---- launch shapes ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SkinnyLaunch:
+    """Tiles and pipeline of one skinny GEMM (they do not change what is computed, only the float32 sum order)."""
+
+    block_n: int = 32
+    block_k: int = 256
+    num_warps: int = 4
+    num_stages: int = 4
+
+
+SKINNY_CANDIDATES = (SkinnyLaunch(16, 256, 4, 4), SkinnyLaunch(32, 256, 4, 4), SkinnyLaunch(32, 128, 4, 6),
+                     SkinnyLaunch(64, 128, 4, 4), SkinnyLaunch(16, 128, 4, 6))
+_TUNED: dict[tuple, SkinnyLaunch | None] = {}
+
+
+def _graph_us(fn, calls: int = 20) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(3):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(1e3 * start.elapsed_time(end) / calls)
+    return sorted(times)[1]
+
+
+def tune_skinny(w: torch.Tensor, M: int, silu: bool) -> SkinnyLaunch | None:
+    """The fastest `SkinnyLaunch` for x (M, K) @ w^T (or `gate_up_silu` when `silu`), or None when cuBLAS (plus the
+    separate `silu_mul`) is faster; timed once per process and shape, as CUDA graphs."""
+    from rankwise.serve.kernels.triton_fused import silu_mul
+
+    key = (torch.cuda.get_device_name(w.device), w.dtype, tuple(w.shape), M, silu)
+    if key in _TUNED:
+        return _TUNED[key]
+    x = torch.randn(M, w.shape[1], device=w.device).to(w.dtype)
+    best, best_us = None, _graph_us((lambda: silu_mul(x @ w.t())) if silu else (lambda: x @ w.t()))
+    n_out = w.shape[0] // 2 if silu else w.shape[0]
+    for c in SKINNY_CANDIDATES:
+        if n_out % c.block_n or w.shape[1] % c.block_k:
+            continue
+        fn = (lambda: gate_up_silu(x, w, **vars(c))) if silu else (lambda: skinny_matmul(x, w, **vars(c)))
+        try:
+            us = _graph_us(fn)
+        except Exception:  # a shape that does not compile or launch on this GPU is not a candidate
+            continue
+        if us < best_us:
+            best, best_us = c, us
+    _TUNED[key] = best
+    return best

@@ -1,0 +1,56 @@
+"""Skinny decode GEMMs (kernels/triton_gemm.py) against PyTorch: x @ w^T, and silu(gate) * up fused into the
+gate/up GEMM (CPU interpreter at small sizes; Llama-3.2-1B sizes on a GPU)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+
+def _check(device, dtype, M, K, N, I, launches):
+    from rankwise.serve.kernels.triton_gemm import gate_up_silu, skinny_matmul
+
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: (torch.randn(*s, generator=g) * 0.5).to(device, dtype)  # noqa: E731
+    x, w, w_gu = r(M, K), r(N, K), r(2 * I, K)
+    ref = (x.float() @ w.float().t()).to(dtype)
+    gu = (x.float() @ w_gu.float().t()).to(dtype)                     # the GEMM's output, rounded
+    ref_m = torch.nn.functional.silu(gu[:, :I]) * gu[:, I:]           # eager silu_mul on it
+    for launch in launches:
+        out = skinny_matmul(x, w, **launch)
+        m = gate_up_silu(x, w_gu, **launch)
+        if dtype == torch.float32:
+            torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(m, ref_m, atol=1e-3, rtol=1e-4)
+        else:  # another fp32 summation order flips some bf16 roundings (the interpreter also truncates)
+            err = (out.float() - ref.float()).abs()
+            assert err.max() <= 0.02 * ref.float().abs().max() and err.mean() <= 5e-3 * ref.float().abs().mean()
+            err = (m.float() - ref_m.float()).abs()
+            mean_tol = 2e-2 if device == "cpu" else 5e-3  # the interpreter truncates at each of the 4 roundings
+            assert err.max() <= 0.03 * ref_m.float().abs().max() and err.mean() <= mean_tol * ref_m.float().abs().mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_skinny_gemms_match_pytorch_interpreter(dtype):
+    _check("cpu", dtype, M=5, K=64, N=96, I=64, launches=[dict(block_n=16, block_k=32), dict(block_n=32, block_k=64)])
+
+
+def test_skinny_gemm_rejects_bad_shapes():
+    from rankwise.serve.kernels.triton_gemm import gate_up_silu, skinny_matmul
+
+    x, w = torch.zeros(80, 64), torch.zeros(96, 64)
+    with pytest.raises(ValueError, match="M <= 64"):
+        skinny_matmul(x, w, block_n=16, block_k=32)
+    with pytest.raises(ValueError, match="multiples"):
+        skinny_matmul(x[:4], w[:90], block_n=16, block_k=32)
+    with pytest.raises(ValueError, match="stack gate and up"):
+        gate_up_silu(x[:4], w[:95], block_n=16, block_k=32)
+
+
+@pytest.mark.gpu
+def test_skinny_gemms_real_sizes_gpu():
+    from rankwise.serve.kernels.triton_gemm import SKINNY_CANDIDATES
+
+    for M in (8, 32):
+        _check("cuda", torch.bfloat16, M=M, K=2048, N=3072, I=8192, launches=[vars(c) for c in SKINNY_CANDIDATES])
+        _check("cuda", torch.bfloat16, M=M, K=8192, N=2048, I=1024, launches=[vars(SKINNY_CANDIDATES[0])])
