@@ -6,7 +6,8 @@ or with 32 distinct q/k/v/o adapters (ranks 8-64), and for each variant captures
 its replays with CUDA events:
   - side stream on / off (does the LoRA shrink overlap the base GEMM?), PDL off / on (`kernels/pdl.py`);
   - one torch.profiler trace per case: device time per kernel, busy time (union of kernel intervals) per step;
-  - candidate skinny GEMMs (`kernels/triton_gemm.py`) against cuBLAS at the step's shapes, as CUDA graphs.
+  - LoRA orders (EngineConfig.lora_order), forced skinny q/k/v/o GEMMs, decode attention launch shapes;
+  - with --gemms: candidate skinny GEMMs (`kernels/triton_gemm.py`) against cuBLAS at the step's shapes.
 Writes decode_profile.json; prints a table last.
 """
 
@@ -117,10 +118,12 @@ def profile_case(engine: Engine, sites, steps: int = 5, graph: bool = True) -> d
             cur_e = max(cur_e, e)
     busy += cur_e - cur_s
     streams = sorted({e.get("tid") for e in ev}, key=str)
+    first = sorted(ev, key=lambda e: e["ts"])[: len(ev) // steps]
+    lora_seq = [(e["name"][:20], round(e["dur"], 1)) for e in first if "lora" in e["name"]][:8]
     top = sorted(per.items(), key=lambda kv: -kv[1])
     return {"kernels_per_step": len(ev) / steps, "kernel_sum_us": sum(per.values()), "busy_us": busy / steps,
             "span_us": (iv[-1][1] - iv[0][0]) / steps, "streams": [str(s) for s in streams],
-            "by_kernel_us": {k: round(v, 2) for k, v in top}, "count_per_step": {k: cnt[k] / steps for k, _ in top}}
+            "by_kernel_us": {k: round(v, 2) for k, v in top}, "lora_first_layers": lora_seq, "count_per_step": {k: cnt[k] / steps for k, _ in top}}
 
 
 def graph_us(fn, calls: int = 20) -> float:
@@ -191,6 +194,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--work", default=None)
+    ap.add_argument("--gemms", action="store_true", help="also time skinny GEMM launch shapes against cuBLAS")
     args = ap.parse_args()
     out: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     res_path = Path(args.out) / "decode_profile.json"
@@ -216,56 +220,69 @@ def main() -> None:
     print("warmup", out["warmup_s"], out["lora_launch"], flush=True)
 
     steps = {}
-    side = engine.batch.lora_ctx["stream"]
+    ctx = engine.batch.lora_ctx
     tuned = dict(engine.model.decode_gemm)
     out["decode_gemm"] = {k: vars(v) for k, v in tuned.items()}
     print("decode_gemm", out["decode_gemm"], flush=True)
-    engine.model.decode_gemm = {}
-    for pdl_on in (False, True):
-        pdl.ENABLED = pdl_on
-        tag = "pdl" if pdl_on else "nopdl"
-        try:
-            setup_rows(engine, [-1] * B)
-            steps[f"base {tag}"] = graph_step_ms(engine, None)
-            setup_rows(engine, slots)
-            engine.batch.lora_ctx["stream"] = side
-            steps[f"lora32 side-stream {tag}"] = graph_step_ms(engine, qkvo)
-            engine.batch.lora_ctx["stream"] = None
-            steps[f"lora32 one-stream {tag}"] = graph_step_ms(engine, qkvo)
-            setup_rows(engine, [slots[0]] * B)
-            steps[f"lora 1 adapter one-stream {tag}"] = graph_step_ms(engine, qkvo)
-            engine.batch.lora_ctx["stream"] = side
-            steps[f"lora 1 adapter side-stream {tag}"] = graph_step_ms(engine, qkvo)
-        except Exception as exc:
-            steps[f"error {tag}"] = repr(exc)[:500]
-        try:
-            engine.model.decode_gemm = tuned
-            setup_rows(engine, [-1] * B)
-            steps[f"base skinny-gemms {tag}"] = graph_step_ms(engine, None)
-            setup_rows(engine, slots)
-            steps[f"lora32 side-stream skinny-gemms {tag}"] = graph_step_ms(engine, qkvo)
-        except Exception as exc:
-            steps[f"error skinny {tag}"] = repr(exc)[:500]
-        engine.model.decode_gemm = {}
-        print(tag, {k: v for k, v in steps.items() if tag in k}, flush=True)
-        out["graph_step_ms"] = steps
-        save()
-    pdl.ENABLED = False
-    engine.batch.lora_ctx["stream"] = side
+    from rankwise.serve.kernels import triton_attention as ta
+    from rankwise.serve.kernels.triton_gemm import SkinnyLaunch
 
+    forced = dict(tuned, qkv=SkinnyLaunch(32, 256, 4, 3), o=SkinnyLaunch(16, 128, 4, 3))
+
+    def case(name, slots_, sites, order="side", gemm=None, pdl_on=True, attn=None):
+        pdl.ENABLED = pdl_on
+        ctx["order"] = order
+        engine.model.decode_gemm = tuned if gemm is None else gemm
+        saved = dict(ta.DECODE_LAUNCH)
+        ta.DECODE_LAUNCH.update(attn or {})
+        try:
+            setup_rows(engine, slots_)
+            steps[name] = graph_step_ms(engine, sites)
+        except Exception as exc:
+            steps[name] = f"error {exc!r}"[:300]
+        finally:
+            ta.DECODE_LAUNCH.clear()
+            ta.DECODE_LAUNCH.update(saved)
+            pdl.ENABLED, ctx["order"], engine.model.decode_gemm = True, "side", tuned
+        print(f"{name:<48} {steps[name]}", flush=True)
+
+    none, one = [-1] * B, [slots[0]] * B
+    case("base (PDL, tuned GEMMs)", none, None)
+    case("base no PDL", none, None, pdl_on=False)
+    case("base cuBLAS only", none, None, gemm={})
+    case("base skinny qkv/o forced", none, None, gemm=forced)
+    for attn in ({"block_n": 64}, {"num_warps": 8}, {"num_stages": 2}, {"num_stages": 4}, {"block_n": 64, "num_stages": 4},
+                 {"block_n": 256, "num_warps": 8}, {"block_n": 32, "num_stages": 4}):
+        case(f"base attn {attn}", none, None, attn=attn)
+    for order in ("side", "gemm_first", "shrink_first"):
+        case(f"lora32 {order}", slots, qkvo, order=order)
+        case(f"lora32 {order} skinny qkv/o", slots, qkvo, order=order, gemm=forced)
+    case("lora32 side no PDL", slots, qkvo, pdl_on=False)
+    for order in ("side", "gemm_first", "shrink_first"):
+        case(f"lora1 {order}", one, qkvo, order=order)
+    out["graph_step_ms"] = steps
+    save()
+    lora_cases = {o: steps.get(f"lora32 {o}") for o in ("side", "gemm_first", "shrink_first")}
+    best = min((o for o, v in lora_cases.items() if isinstance(v, float)), key=lambda o: lora_cases[o], default="side")
+    out["best_order"] = best
+    Path(args.out, "best_order").write_text(best)
+    attn_cases = {k: v for k, v in steps.items() if k.startswith("base attn") and isinstance(v, float)}
+    out["best_attn"] = min(attn_cases, key=attn_cases.get) if attn_cases else None
+    ctx["order"] = best
     prof = {}
     for label, sl, sites in (("base", [-1] * B, None), ("lora32", slots, qkvo)):
         setup_rows(engine, sl)
-        graph_step_ms(engine, sites, replays=5)  # recapture without PDL
-        for graph in (True, False):
+        graph_step_ms(engine, sites, replays=5)  # recapture with the defaults (and the best order)
+        for graph in (True,):
             try:
                 prof[f"{label} {'graph' if graph else 'eager'}"] = profile_case(engine, sites, graph=graph)
             except Exception as exc:
                 prof[f"{label} {'graph' if graph else 'eager'}"] = {"error": repr(exc)[:300]}
     out["profile"] = prof
     save()
-    out["gemm_candidates"] = gemm_candidates(engine)
-    save()
+    if args.gemms:
+        out["gemm_candidates"] = gemm_candidates(engine)
+        save()
 
     print("\n== graph step ms (batch 32, context 192) ==")
     for k, v in steps.items():
@@ -278,13 +295,8 @@ def main() -> None:
               f"{p['busy_us']:.0f} us, span {p['span_us']:.0f} us, streams {p['streams']}")
         for name, us in list(p["by_kernel_us"].items())[:14]:
             print(f"  {us:8.1f} us  x{p['count_per_step'][name]:<5.0f} {name}")
-    print("\n== GEMMs at batch 32 (us, graph) ==")
-    for site in ("qkv", "o", "gu", "d"):
-        rs = [r for r in out["gemm_candidates"] if r["site"] == site and "us" in r]
-        rs.sort(key=lambda r: r["us"])
-        base = [r for r in rs if not r["impl"].startswith("triton")]
-        print(site, "baseline", base[0]["us"] if base else None, "| best:",
-              [(r["impl"], round(r["us"], 2), r.get("max_err")) for r in rs[:3]])
+        print("  first LoRA kernels:", p.get("lora_first_layers"))
+    print("best order", out["best_order"], "best attention launch", out["best_attn"])
 
 
 if __name__ == "__main__":

@@ -327,6 +327,7 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true", help="skip the float32 check against PEFT")
     ap.add_argument("--no-baselines", action="store_true", help="skip HF generate and PEFT's mixed batch")
     ap.add_argument("--no-latency", action="store_true", help="skip the 10 req/s (unsaturated) runs")
+    ap.add_argument("--lora-order", default="auto", help="EngineConfig.lora_order: auto, side, shrink_first, gemm_first")
     args = ap.parse_args()
     if args.smoke:
         SHAPE.update(SMOKE_SHAPE)
@@ -355,7 +356,8 @@ def main() -> None:
     all7 = write_adapters(root / "a", "s", (4 if args.smoke else 32) if quick else 100, ALL7, 16, seed=1)
     res["adapter_write_s"] = time.perf_counter() - t
     cfg = EngineConfig(max_num_seqs=32, max_model_len=1024, max_gpu_adapters=128,
-                       lora_pool_mb=4096 if DEV == "cuda" else 64, max_host_adapters=len(qkvo) + len(all7), adapter_load_threads=8)
+                       lora_pool_mb=4096 if DEV == "cuda" else 64, max_host_adapters=len(qkvo) + len(all7), adapter_load_threads=8,
+                       lora_order=args.lora_order)
     engine = Engine(hf, cfg, adapter_dir=root / "a", eos_token_ids=())
     t = time.perf_counter()
     engine.warmup()
@@ -363,6 +365,8 @@ def main() -> None:
     launch = engine.batch.lora_launch
     res["decode_lora_launch"] = [vars(x) for x in launch] if launch else None  # tuned per site (qkv, o, gate_up, down)
     res["prefill_graphs"] = len(engine.prefill.graphs)
+    res["decode_gemm"] = {k: vars(v) for k, v in engine.model.decode_gemm.items()}  # skinny Triton GEMMs chosen
+    res["lora_order"] = engine._lora_common["order"]
     print("warmup", {k: res[k] for k in ("graph_capture_s", "decode_lora_launch", "prefill_graphs")}, flush=True)
     t = time.perf_counter()
     engine.preload(qkvo + all7)  # all adapters in host memory, as in S-LoRA's setup

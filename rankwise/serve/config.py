@@ -32,6 +32,8 @@ class EngineConfig:
     max_queue: requests waiting or running beyond which `add_request` raises `QueueFullError` (HTTP 429).
     cuda_graphs: capture decode steps as CUDA graphs (GPU only).
     lora_backend: "auto" (Triton on CUDA, the PyTorch reference elsewhere), "triton" or "reference".
+    lora_order: where a site's LoRA shrink runs against its base GEMM on CUDA (`model.LoraContext`): "side" (on a side
+        stream beside it), "shrink_first" or "gemm_first" (one stream); "auto": "side".
     prefill_token_multiple: a prefill step's token count is padded up to a multiple of this (0: 64 on CUDA, else 1),
         so that the GEMMs see a bounded set of shapes (cuBLAS picks and caches an algorithm per shape).
     """
@@ -52,6 +54,7 @@ class EngineConfig:
     device: str = "auto"
     cuda_graphs: bool = True
     lora_backend: str = "auto"
+    lora_order: str = "auto"
     attention_backend: str = "auto"
     seed: int = 0
     prefill_token_multiple: int = 0
@@ -74,6 +77,8 @@ class EngineConfig:
                f"EngineConfig.dtype={self.dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'.")
         _check(self.lora_backend in ("auto", "triton", "reference"),
                f"EngineConfig.lora_backend={self.lora_backend!r}: use 'auto', 'triton' or 'reference'.")
+        _check(self.lora_order in ("auto", "side", "shrink_first", "gemm_first"),
+               f"EngineConfig.lora_order={self.lora_order!r}: use 'auto', 'side', 'shrink_first' or 'gemm_first'.")
         _check(self.attention_backend in ("auto", "triton", "reference"),
                f"EngineConfig.attention_backend={self.attention_backend!r}: use 'auto', 'triton' or 'reference'.")
         for b in self.decode_buckets:

@@ -133,10 +133,13 @@ class Engine:
         self.scheduler = Scheduler(config, BlockAllocator(num_blocks), self.adapters)
         self.block_t = block_t_for(lora_backend)
         self.r_cap = 3 * config.max_lora_rank
-        # on CUDA each site's LoRA shrink runs on a side stream beside the base GEMM (model.py, `_linear`)
-        side = torch.cuda.Stream(device) if cuda and lora_backend == "triton" else None
+        # on CUDA each site's LoRA shrink runs on a side stream beside the base GEMM, or before / after it on one
+        # stream (EngineConfig.lora_order; model.py, `_linear`)
+        order = "side" if config.lora_order == "auto" else config.lora_order
+        side = torch.cuda.Stream(device) if cuda and lora_backend == "triton" and order == "side" else None
         self._lora_common = dict(tables=self.adapters.tables, pool=self.adapters.pool, layout=self.layout,
-                                 max_lora_rank=config.max_lora_rank, backend=lora_backend, stream=side)
+                                 max_lora_rank=config.max_lora_rank, backend=lora_backend, stream=side,
+                                 order=order if side is not None or order != "side" else "shrink_first")
         use_graphs = cuda and config.cuda_graphs and attn_backend == "triton" and lora_backend == "triton"
         self.batch = BatchState(self.model, self.kv, self._lora_common, config.max_num_seqs,
                                 blocks_needed(config.max_model_len, bs), self.block_t, self.r_cap, use_graphs)

@@ -106,7 +106,10 @@ def seq_starts(lens: list[int], total: int) -> list[int]:
 @dataclass
 class LoraContext:
     """Everything the LoRA kernels need besides the activations. stream: on CUDA, a side stream on which each site's
-    shrink runs beside the base GEMM (both only read x); launch: per site, a tuned `LoraLaunch` (None: default)."""
+    shrink may run beside the base GEMM (both only read x); order: "side" (the shrink on `stream`, beside the GEMM),
+    "shrink_first" or "gemm_first" (one stream: the shrink before or after the base GEMM; with programmatic
+    dependent launch, `kernels/pdl.py`, a Triton kernel right after another prefetches its weights while that one
+    finishes); launch: per site, a tuned `LoraLaunch` (None: default)."""
 
     step: LoraStep
     tables: LoraTables
@@ -117,6 +120,7 @@ class LoraContext:
     sites: tuple[bool, ...] = (True, True, True, True)   # sites some resident adapter uses; others are skipped
     stream: torch.cuda.Stream | None = None
     launch: tuple | None = None
+    order: str = "side"
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -218,13 +222,16 @@ class LlamaFamilyModel:
         else:
             args = (lora.step, lora.tables, lora.pool, lora.layout, lora.max_lora_rank, lora.backend,
                     lora.launch[site] if lora.launch else None)
-            if lora.stream is not None:  # fork: the shrink beside the GEMM; join before the expand adds into out
+            if lora.stream is not None and lora.order == "side":  # fork: the shrink beside the GEMM; join
                 main = torch.cuda.current_stream()
                 lora.stream.wait_stream(main)
                 with torch.cuda.stream(lora.stream):
                     lora_shrink_site(site, layer, x, *args)
                 out = self._matmul(x, key, weight)
                 main.wait_stream(lora.stream)
+            elif lora.order == "gemm_first":
+                out = self._matmul(x, key, weight)
+                lora_shrink_site(site, layer, x, *args)
             else:
                 lora_shrink_site(site, layer, x, *args)
                 out = self._matmul(x, key, weight)

@@ -8,8 +8,8 @@ only read what no kernel of the step writes (block tables, adapter offsets, the 
 gain is the launch and the metadata loads of a small kernel hidden behind the tail of the one before; a step of
 ~130 kernels of a few microseconds each is where that matters.
 
-`ENABLED` is read at every launch (so a process can compare both; captured CUDA graphs keep what they were
-captured with). Off in Triton's CPU interpreter and below compute capability 9.0.
+`ENABLED` (RANKWISE_PDL=0 turns it off) is read at every launch, so a process can compare both; captured CUDA
+graphs keep what they were captured with. Off in Triton's CPU interpreter and below compute capability 9.0.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 
 import torch
 
-ENABLED = os.environ.get("RANKWISE_PDL", "0") == "1"
+ENABLED = os.environ.get("RANKWISE_PDL", "1") != "0"
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _CAPABLE: dict[int, bool] = {}
 

@@ -117,13 +117,13 @@ def _paged_decode_kernel(
         blk = tl.load(bt_ptr + b * stride_btb + offs_n // BS, mask=mask_n, other=0).to(tl.int64)
         kv_off = blk * stride_kb + (offs_n % BS) * stride_kt + kvh * stride_kh                     # (BLOCK_N,)
         k = tl.load(k_ptr + kv_off[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)  # (BLOCK_N, D)
+        v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)  # (BLOCK_N, D)
         s = _mm(q, tl.trans(k), IEEE, UP) * scale                                           # (BLOCK_G, BLOCK_N)
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)  # (BLOCK_N, D)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, IEEE, UP)
         m = m_new
     if ROPE:
@@ -204,18 +204,24 @@ def paged_decode_attention_rope(
     return out
 
 
+# Launch shape of the decode kernel (keys per iteration, warps, pipeline stages); None: 128 keys for D <= 64, else
+# 64. It changes no result. Module-level so that a benchmark can compare shapes.
+DECODE_LAUNCH = {"block_n": None, "num_warps": 4, "num_stages": 3}
+
+
 def _launch_decode(q, k_cache, v_cache, block_tables, lens, out, scale, stride_qb, stride_qh, H, rope):
     B = out.shape[0]
     _, BS, H_kv, D = k_cache.shape
     group = H // H_kv
+    block_n = DECODE_LAUNCH["block_n"] or (128 if D <= 64 else 64)
     cos, sin, pos = rope if rope is not None else (lens,) * 3  # unused without rope
     _paged_decode_kernel[(B, H_kv)](
         q, k_cache, v_cache, block_tables, lens, out, cos, sin, pos, scale,
         stride_qb, stride_qh, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), cos.stride(0) if rope is not None else 0,
         H=H, HKV=H_kv, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=D, BS=BS,
-        BLOCK_N=128 if D <= 64 else 64, ROPE=rope is not None, IEEE=out.dtype == torch.float32, UP=UPCAST,
-        **pdl.launch_options(out),
+        BLOCK_N=block_n, ROPE=rope is not None, IEEE=out.dtype == torch.float32, UP=UPCAST,
+        num_warps=DECODE_LAUNCH["num_warps"], num_stages=DECODE_LAUNCH["num_stages"], **pdl.launch_options(out),
     )
 
 

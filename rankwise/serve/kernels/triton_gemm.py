@@ -45,14 +45,25 @@ def _skinny_kernel(
     w_ptrs = w_ptr + offs_n[:, None] * stride_w + offs_k[None, :]
     if SILU:
         u_ptrs = w_ptr + (I + offs_n[:, None]) * stride_w + offs_k[None, :]
+    # the first weight tile before the PDL wait: weights are constant, so this load overlaps the kernel before
+    w = tl.load(w_ptrs)                                                               # (BLOCK_N, BLOCK_K)
+    if SILU:
+        wu = tl.load(u_ptrs)
     if PDL:  # only the activations come from the kernel before (pdl.py)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)                    # (BLOCK_M, BLOCK_K)
-        w = tl.load(w_ptrs + k0)                                                      # (BLOCK_N, BLOCK_K)
+    x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)                             # (BLOCK_M, BLOCK_K)
+    if UP:
+        x = x.to(tl.float32)
+        w = w.to(tl.float32)
+    acc = tl.dot(x, tl.trans(w))
+    if SILU:
+        if UP:
+            wu = wu.to(tl.float32)
+        acc_u = tl.dot(x, tl.trans(wu))
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        x = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
+        w = tl.load(w_ptrs + k0)
         if UP:
             x = x.to(tl.float32)
             w = w.to(tl.float32)

@@ -66,13 +66,20 @@ def _lora_shrink_kernel(
     ks = tl.program_id(2)
     # the step's grouping and the adapter tables are written by no kernel of the step: read before the PDL wait
     slot = tl.load(bslot_ptr + b)
-    R = tl.load(rank_ptr + tl.maximum(slot, 0))
+    R = tl.where(slot >= 0, tl.load(rank_ptr + tl.maximum(slot, 0)), 0)
     start = tl.load(bstart_ptr + b)
     end = tl.load(bend_ptr + b)
     a_base = tl.load(offA_ptr + tl.maximum(slot, 0))
     offs_t = start + tl.arange(0, BLOCK_T)
     mask_t = offs_t < end
     tok = tl.load(tok_ptr + offs_t, mask=mask_t, other=0).to(tl.int64)
+    offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    # the first A tile too: the pool is not written by the step, so under PDL its load overlaps the kernel before
+    k_first = ks * K_PER
+    offs_k = k_first + tl.arange(0, BLOCK_K)
+    a_ptrs = pool_ptr + a_base + offs_r[None, :].to(tl.int64) * K + offs_k[:, None]
+    at = tl.load(a_ptrs, mask=mask_r[None, :] & (offs_k[:, None] < K), other=0.0)              # (BLOCK_K, BLOCK_R)
     if PDL:  # every program waits, also one with nothing to do (pdl.py)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -80,10 +87,10 @@ def _lora_shrink_kernel(
         return
     if rb * BLOCK_R >= R:
         return
-    offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
-    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-    for k0 in range(ks * K_PER, ks * K_PER + K_PER, BLOCK_K):
+    xt = tl.load(x_ptr + tok[:, None] * stride_x + offs_k[None, :],
+                 mask=mask_t[:, None] & (offs_k[None, :] < K), other=0.0)                       # (BLOCK_T, BLOCK_K)
+    acc = _mm(xt, at, IEEE, UP)
+    for k0 in range(k_first + BLOCK_K, k_first + K_PER, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         xt = tl.load(x_ptr + tok[:, None] * stride_x + offs_k[None, :],
@@ -117,7 +124,7 @@ def _lora_expand_kernel(
     p = pid // NBLK_N
     nb = pid % NBLK_N
     ps = p * S + tl.maximum(slot, 0)
-    r = tl.load(rankB_ptr + ps)
+    r = tl.where(slot >= 0, tl.load(rankB_ptr + ps), 0)
     width = tl.where(p == 0, w0, tl.where(p == 1, w1, w2))
     c0 = tl.where(p == 0, 0, tl.where(p == 1, c1, c2))
     start = tl.load(bstart_ptr + b)
@@ -129,6 +136,13 @@ def _lora_expand_kernel(
     b_base = tl.load(offB_ptr + ps)
     scale = tl.load(scale_ptr + ps)
     g_off = tl.load(offG_ptr + ps)
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < width
+    # the first B^T tile too (the pool is not written by the step: under PDL this load overlaps the kernel before)
+    offs_j = tl.arange(0, BLOCK_R)
+    mask_j = offs_j < r
+    bt = tl.load(pool_ptr + b_base + offs_j[:, None].to(tl.int64) * width + offs_n[None, :],
+                 mask=mask_j[:, None] & mask_n[None, :], other=0.0)                             # (BLOCK_R, BLOCK_N)
     if PDL:  # every program waits, also one with nothing to do (pdl.py)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -138,15 +152,17 @@ def _lora_expand_kernel(
         return
     if nb * BLOCK_N >= width:
         return
-    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < width
-    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for j0 in range(0, r, BLOCK_R):
+    y_ptrs = y_ptr + offs_t[:, None].to(tl.int64) * stride_y + row0 + offs_j[None, :]
+    yt = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for sk in range(SPLIT):  # the shrink's partial sums over K, added in a fixed order (deterministic)
+        yt += tl.load(y_ptrs + sk * stride_ys, mask=mask_t[:, None] & mask_j[None, :], other=0.0)
+    acc = _mm(yt.to(bt.dtype), bt, IEEE, UP)                                                    # (BLOCK_T, BLOCK_N)
+    for j0 in range(BLOCK_R, r, BLOCK_R):
         offs_j = j0 + tl.arange(0, BLOCK_R)
         mask_j = offs_j < r
         y_ptrs = y_ptr + offs_t[:, None].to(tl.int64) * stride_y + row0 + offs_j[None, :]
         yt = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-        for sk in range(SPLIT):  # the shrink's partial sums over K, added in a fixed order (deterministic)
+        for sk in range(SPLIT):
             yt += tl.load(y_ptrs + sk * stride_ys, mask=mask_t[:, None] & mask_j[None, :], other=0.0)
         bt = tl.load(pool_ptr + b_base + offs_j[:, None].to(tl.int64) * width + offs_n[None, :],
                      mask=mask_j[:, None] & mask_n[None, :], other=0.0)                         # (BLOCK_R, BLOCK_N)
@@ -210,7 +226,7 @@ def lora_shrink(
         return
     BLOCK_R = block_r
     per_split = triton.cdiv(K, split)
-    BLOCK_K = min(128, max(16, triton.next_power_of_2(per_split)))
+    BLOCK_K = min(256, max(16, triton.next_power_of_2(per_split)))
     k_per = triton.cdiv(per_split, BLOCK_K) * BLOCK_K  # each program's K range, a multiple of BLOCK_K
     grid = (NB, triton.cdiv(max_rank, BLOCK_R), split)
     _lora_shrink_kernel[grid](
