@@ -21,13 +21,19 @@ optimizer, so give them weight_decay=0 (AdamW's decay would shrink them too).
 Making the soft budget hard (our design; the paper's budget is only what xi happens to give). b(t) is a cubic
 schedule from the initial parameters down to the Budget (`budget.cubic_schedule`); every `check_every` steps
 after the warm-up, while the parameters of the ranks with g != 0 exceed b(t):
-- schedule="prune" (default): the ranks with the smallest |g| beyond b(t) are removed (`select_components`),
-  and xi stays the paper's. The L1 step keeps ranking the gates; the budget takes the weakest ones.
+- schedule="prune" (default): the ranks with the smallest score beyond b(t) are removed (`select_components`,
+  score per parameter), and xi stays the paper's. The L1 step keeps ranking the gates; the budget takes the
+  weakest ones.
+- score="contribution" (default): a rank's score is |g_i| ||b_i|| ||a_i||, the size of its term of dW. With
+  score="gate" (|g_i| alone, as before 2026-11-22) the gates, which all start at 1 and shrink by the same tau,
+  stayed within ~0.5 of each other, so score per parameter ranked by cost: every run, whatever the task, kept
+  query / key / value / attention output at the maximum rank and cut the 2.5x dearer FFN ranks (MiniLM's FFN
+  output to 0-2 of 12; docs/BENCHMARKS.md, Quality). The norms of b_i and a_i carry what the rank learned.
 - schedule="xi": m_t, a multiplier on xi, grows m <- m * xi_growth (up to max_xi_mult), and returns to 1 as
   soon as the live parameters are under b(t). Every gate shrinks by the same tau, so this also shrinks the
   gates that stay: on a 300-step MiniLM run m reached ~1.5^20 and held every gate near 0 (the adapter's
   output with it; SST-2 at chance, docs/BENCHMARKS.md), where "prune" trains like LoRA.
-- when the final phase starts (the last `final_steps` steps) the ranks with the largest |g| that fit the Budget
+- when the final phase starts (the last `final_steps` steps) the ranks with the largest score that fit the Budget
   are kept and the others removed (`select_components`; zero gates go first), m returns to 1, and the last
   steps train the final structure; `finalize` removes every zero gate and caps again, so the exported adapter
   never exceeds the Budget.
@@ -56,7 +62,8 @@ class SoraConfig(AllocatorConfig):
     """xi: L1 threshold per step at the peak learning rate; scale_by_lr: tau follows the learning rate;
     check_every: steps between dropping zero gates and applying the schedule; warmup_steps (None: 10% of
     total_steps) and final_steps (None: 20%) shape the parameter schedule; schedule: "prune" or "xi" (see the
-    module docstring); xi_growth: factor on m per check and max_xi_mult (schedule="xi")."""
+    module docstring); score: what the budget ranks ranks by, "contribution" (|g| ||b|| ||a||) or "gate" (|g|);
+    xi_growth: factor on m per check and max_xi_mult (schedule="xi")."""
 
     xi: float = 3e-4
     scale_by_lr: bool = True
@@ -64,12 +71,15 @@ class SoraConfig(AllocatorConfig):
     warmup_steps: int | None = None
     final_steps: int | None = None
     schedule: str = "prune"
+    score: str = "contribution"
     xi_growth: float = 1.5
     max_xi_mult: float = 1e4
 
     def __post_init__(self) -> None:
         if self.schedule not in ("prune", "xi"):
             raise ValueError(f"SoraConfig.schedule={self.schedule!r}; allowed: 'prune' (default) or 'xi'.")
+        if self.score not in ("contribution", "gate"):
+            raise ValueError(f"SoraConfig.score={self.score!r}; allowed: 'contribution' (default) or 'gate'.")
         if self.xi < 0:
             raise ValueError(f"SoraConfig.xi={self.xi!r} must be >= 0 (reference: 1e-4 to 1e-3).")
         if self.check_every < 1:
@@ -145,7 +155,7 @@ class Sora(Allocator):
                 self.xi_mult = min(self.xi_mult * self.config.xi_growth, self.config.max_xi_mult) if live > target else 1.0
 
     def finalize(self) -> None:
-        """Drop zero gates and keep the largest |g| within the Budget: the export never exceeds it."""
+        """Drop zero gates and keep the largest scores within the Budget: the export never exceeds it."""
         self.cap_to_budget(self.last_step, floor=0)
 
     # ---- decisions ----------------------------------------------------------------------------------------
@@ -192,17 +202,36 @@ class Sora(Allocator):
                 keep = [k for k in range(mags[n].numel()) if k not in ks]
                 self.resize_module(n, keep, step=step, score=float(mags[n].sum()))
 
+    @torch.no_grad()
+    def rank_scores(self, mags: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{module: (r,) score of each rank} that the budget keeps the largest of: |g_i| (score="gate"), or
+        |g_i| ||b_i|| ||a_i||, the Frobenius norm of the rank's term s g_i b_i a_i^T of dW over s
+        (score="contribution"). Zero gates score 0 either way. Norms averaged over processes, on the host."""
+        if self.config.score == "gate":
+            return mags
+        adapters = list(self.modules.values())
+        norms = torch.cat([torch.cat([a.lora_B.detach().float().norm(dim=0), a.lora_A.detach().float().norm(dim=1)])
+                           for a in adapters])  # per module: (r,) column norms of B, then (r,) row norms of A
+        norms = all_reduce_mean(norms).cpu()  # like the gates: every process must take the same decision
+        out, at = {}, 0
+        for name, a in zip(self.modules, adapters):
+            b_norm, a_norm = norms[at:at + a.r], norms[at + a.r:at + 2 * a.r]
+            out[name] = mags[name] * b_norm * a_norm
+            at += 2 * a.r
+        return out
+
     def keep_largest(self, step: int, params: int) -> None:
-        """Remove the ranks with the smallest |g| (zero gates first) until at most `params` parameters remain."""
-        mags, _ = self.gate_stats()
+        """Remove the ranks with the smallest score (`rank_scores`; zero gates first) until at most `params`
+        parameters remain."""
         if self.current_params() > params:
-            keep = select_components(mags, self.costs, params, self.budget.min_rank, self.budget.max_rank)
+            scores = self.rank_scores(self.gate_stats()[0])
+            keep = select_components(scores, self.costs, params, self.budget.min_rank, self.budget.max_rank)
             for name, idx in keep.items():
                 if idx.numel() < self.modules[name].r:
-                    self.resize_module(name, idx, step=step, score=float(mags[name].sum()))
+                    self.resize_module(name, idx, step=step, score=float(scores[name].sum()))
 
     def cap_to_budget(self, step: int, floor: int) -> None:
-        """Drop zero gates (down to `floor` parameters), then keep the largest |g| that fit the Budget."""
+        """Drop zero gates (down to `floor` parameters), then keep the largest scores that fit the Budget."""
         self.drop_zero_gates(step, floor=floor)
         self.keep_largest(step, self.budget_params)
         self.capped = True

@@ -124,7 +124,27 @@ def test_prune_schedule_keeps_the_surviving_gates_large():
     assert runs["prune"][runs["prune"] > 0].mean() > runs["xi"][runs["xi"] > 0].mean()
 
 
+@pytest.mark.parametrize("score", ["contribution", "gate"])
+def test_budget_keeps_the_ranks_with_the_largest_terms_of_dw(score):
+    """score="contribution" ranks a rank by |g| ||b|| ||a||, the size of its term of dW: with equal gates, the
+    module whose B columns learned most keeps its ranks. score="gate" sees only the (equal) gates."""
+    run = build("sora", BUDGET, STEPS, {**CONFIG, "score": score})
+    alloc = run.alloc
+    with torch.no_grad():
+        for name, adapter in alloc.modules.items():
+            adapter.rank_vector.fill_(0.5)
+            adapter.lora_B.copy_(torch.full_like(adapter.lora_B, 1.0 if name == "blocks.2" else 0.01))
+        alloc.modules["blocks.0"].rank_vector[:2] = 0.6  # the largest gates, on small terms
+    alloc.keep_largest(step=1, params=2048 - 3 * 8 * 64)  # room for one module's 8 ranks
+    if score == "contribution":
+        assert alloc.ranks == {"blocks.0": 0, "blocks.1": 0, "blocks.2": 8, "blocks.3": 0}
+    else:
+        assert alloc.ranks["blocks.0"] >= 2 and alloc.ranks["blocks.2"] < 8, alloc.ranks
+
+
 def test_config_errors_name_the_value():
+    with pytest.raises(ValueError, match="score='norm'"):
+        build("sora", BUDGET, STEPS, {"score": "norm"})
     with pytest.raises(ValueError, match="xi_growth=0.5"):
         build("sora", BUDGET, STEPS, {"xi_growth": 0.5})
     with pytest.raises(ValueError, match="unknown option"):
