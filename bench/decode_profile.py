@@ -195,6 +195,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--work", default=None)
     ap.add_argument("--gemms", action="store_true", help="also time skinny GEMM launch shapes against cuBLAS")
+    ap.add_argument("--quick", action="store_true", help="only PDL on/off and the three LoRA orders")
     args = ap.parse_args()
     out: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     res_path = Path(args.out) / "decode_profile.json"
@@ -250,15 +251,17 @@ def main() -> None:
     case("base (PDL, tuned GEMMs)", none, None)
     case("base no PDL", none, None, pdl_on=False)
     case("base cuBLAS only", none, None, gemm={})
-    case("base skinny qkv/o forced", none, None, gemm=forced)
-    for attn in ({"block_n": 64}, {"num_warps": 8}, {"num_stages": 2}, {"num_stages": 4}, {"block_n": 64, "num_stages": 4},
-                 {"block_n": 256, "num_warps": 8}, {"block_n": 32, "num_stages": 4}):
-        case(f"base attn {attn}", none, None, attn=attn)
+    if not args.quick:
+        case("base skinny qkv/o forced", none, None, gemm=forced)
+        for attn in ({"block_n": 64}, {"num_warps": 8}, {"num_stages": 2}, {"num_stages": 4},
+                     {"block_n": 64, "num_stages": 4}, {"block_n": 256, "num_warps": 8}, {"block_n": 32, "num_stages": 4}):
+            case(f"base attn {attn}", none, None, attn=attn)
     for order in ("side", "gemm_first", "shrink_first"):
         case(f"lora32 {order}", slots, qkvo, order=order)
-        case(f"lora32 {order} skinny qkv/o", slots, qkvo, order=order, gemm=forced)
+        if not args.quick:
+            case(f"lora32 {order} skinny qkv/o", slots, qkvo, order=order, gemm=forced)
     case("lora32 side no PDL", slots, qkvo, pdl_on=False)
-    for order in ("side", "gemm_first", "shrink_first"):
+    for order in ("side", "gemm_first", "shrink_first") if not args.quick else ():
         case(f"lora1 {order}", one, qkvo, order=order)
     out["graph_step_ms"] = steps
     save()

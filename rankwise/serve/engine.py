@@ -423,6 +423,7 @@ class Engine:
         if self.model.spec.hidden_act == "silu":
             choice["gu_silu"] = tune_skinny(w["0.gu"], M, True)
         self.model.decode_gemm = {k: v for k, v in choice.items() if v is not None}
+        self.model.decode_gemm_rows = M
 
     def _warm_prefill(self) -> None:
         # scratch inputs name no adapter (every LoRA block has slot -1), so this is safe with adapters resident

@@ -149,8 +149,10 @@ class LlamaFamilyModel:
         self.use_triton = attention_backend == "triton"
         self.scale = spec.head_dim ** -0.5
         # weight key ("qkv", "o", "gu", "d"; "gu_silu": gate/up GEMM with the SiLU-mul fused) -> `SkinnyLaunch` of
-        # the Triton GEMM used for steps of <= 64 tokens (decode); set by `Engine.warmup` where it beat cuBLAS
+        # the Triton GEMM used for steps of <= decode_gemm_rows tokens (decode); set by `Engine.warmup` where it beat
+        # cuBLAS at that many rows (a shape tuned for 32 rows may not fit 64: shared memory)
         self.decode_gemm: dict = {}
+        self.decode_gemm_rows = 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -208,7 +210,7 @@ class LlamaFamilyModel:
 
     def _matmul(self, x: torch.Tensor, key: str, weight: torch.Tensor) -> torch.Tensor:
         """x (T, in) @ weight^T: the tuned skinny Triton GEMM for decode-sized T, else cuBLAS."""
-        launch = self.decode_gemm.get(key) if x.shape[0] <= 64 else None
+        launch = self.decode_gemm.get(key) if x.shape[0] <= self.decode_gemm_rows else None
         if launch is None:
             return x @ weight.t()
         from rankwise.serve.kernels.triton_gemm import skinny_matmul
@@ -326,7 +328,7 @@ class LlamaFamilyModel:
             qkv = self._linear(h, i, 0, "qkv", lora)                     # (T, q_out + 2 kv_out)
             a = self._attend(i, qkv, positions, kv, attn)                # (T, q_out)
             h, residual = self._add_norm(self._linear(a, i, 1, "o", lora), residual, f"{i}.ln2")
-            fused = self.decode_gemm.get("gu_silu") if h.shape[0] <= 64 else None
+            fused = self.decode_gemm.get("gu_silu") if h.shape[0] <= self.decode_gemm_rows else None
             if fused is not None and (lora is None or not lora.sites[2]) and f"{i}.gu_b" not in self.w:
                 from rankwise.serve.kernels.triton_gemm import gate_up_silu
 

@@ -61,18 +61,18 @@ def _skinny_kernel(
         if UP:
             wu = wu.to(tl.float32)
         acc_u = tl.dot(x, tl.trans(wu))
-    for k0 in range(BLOCK_K, K, BLOCK_K):
-        x = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
-        w = tl.load(w_ptrs + k0)
+    for k0 in range(BLOCK_K, K, BLOCK_K):  # fresh names inside the loop: no loop-carried type changes
+        xk = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
+        wk = tl.load(w_ptrs + k0)
         if UP:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc)
+            xk = xk.to(tl.float32)
+            wk = wk.to(tl.float32)
+        acc = tl.dot(xk, tl.trans(wk), acc)
         if SILU:
-            wu = tl.load(u_ptrs + k0)
+            uk = tl.load(u_ptrs + k0)
             if UP:
-                wu = wu.to(tl.float32)
-            acc_u = tl.dot(x, tl.trans(wu), acc_u)
+                uk = uk.to(tl.float32)
+            acc_u = tl.dot(xk, tl.trans(uk), acc_u)
     dt = out_ptr.dtype.element_ty
     if SILU:  # silu_mul's rounding: g, u rounded as the GEMM's output, silu(g) rounded, the product rounded
         g = acc.to(dt).to(tl.float32)

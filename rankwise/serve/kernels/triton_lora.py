@@ -90,14 +90,14 @@ def _lora_shrink_kernel(
     xt = tl.load(x_ptr + tok[:, None] * stride_x + offs_k[None, :],
                  mask=mask_t[:, None] & (offs_k[None, :] < K), other=0.0)                       # (BLOCK_T, BLOCK_K)
     acc = _mm(xt, at, IEEE, UP)
-    for k0 in range(k_first + BLOCK_K, k_first + K_PER, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        xt = tl.load(x_ptr + tok[:, None] * stride_x + offs_k[None, :],
-                     mask=mask_t[:, None] & mask_k[None, :], other=0.0)                        # (BLOCK_T, BLOCK_K)
-        at = tl.load(pool_ptr + a_base + offs_r[None, :].to(tl.int64) * K + offs_k[:, None],
-                     mask=mask_r[None, :] & mask_k[:, None], other=0.0)                        # (BLOCK_K, BLOCK_R)
-        acc += _mm(xt, at, IEEE, UP)
+    for k0 in range(k_first + BLOCK_K, k_first + K_PER, BLOCK_K):  # the rest of the K range (fresh names)
+        offs_kk = k0 + tl.arange(0, BLOCK_K)
+        mask_kk = offs_kk < K
+        xk = tl.load(x_ptr + tok[:, None] * stride_x + offs_kk[None, :],
+                     mask=mask_t[:, None] & mask_kk[None, :], other=0.0)                       # (BLOCK_T, BLOCK_K)
+        ak = tl.load(pool_ptr + a_base + offs_r[None, :].to(tl.int64) * K + offs_kk[:, None],
+                     mask=mask_r[None, :] & mask_kk[:, None], other=0.0)                       # (BLOCK_K, BLOCK_R)
+        acc += _mm(xk, ak, IEEE, UP)
     tl.store(y_ptr + ks * stride_ys + offs_t[:, None].to(tl.int64) * stride_y + offs_r[None, :], acc,
              mask=mask_t[:, None] & mask_r[None, :])
 
@@ -157,16 +157,16 @@ def _lora_expand_kernel(
     for sk in range(SPLIT):  # the shrink's partial sums over K, added in a fixed order (deterministic)
         yt += tl.load(y_ptrs + sk * stride_ys, mask=mask_t[:, None] & mask_j[None, :], other=0.0)
     acc = _mm(yt.to(bt.dtype), bt, IEEE, UP)                                                    # (BLOCK_T, BLOCK_N)
-    for j0 in range(BLOCK_R, r, BLOCK_R):
-        offs_j = j0 + tl.arange(0, BLOCK_R)
-        mask_j = offs_j < r
-        y_ptrs = y_ptr + offs_t[:, None].to(tl.int64) * stride_y + row0 + offs_j[None, :]
-        yt = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for j0 in range(BLOCK_R, r, BLOCK_R):  # ranks above BLOCK_R (fresh names: no loop-carried type changes)
+        offs_jj = j0 + tl.arange(0, BLOCK_R)
+        mask_jj = offs_jj < r
+        yj_ptrs = y_ptr + offs_t[:, None].to(tl.int64) * stride_y + row0 + offs_jj[None, :]
+        yj = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
         for sk in range(SPLIT):
-            yt += tl.load(y_ptrs + sk * stride_ys, mask=mask_t[:, None] & mask_j[None, :], other=0.0)
-        bt = tl.load(pool_ptr + b_base + offs_j[:, None].to(tl.int64) * width + offs_n[None, :],
-                     mask=mask_j[:, None] & mask_n[None, :], other=0.0)                         # (BLOCK_R, BLOCK_N)
-        acc += _mm(yt.to(bt.dtype), bt, IEEE, UP)
+            yj += tl.load(yj_ptrs + sk * stride_ys, mask=mask_t[:, None] & mask_jj[None, :], other=0.0)
+        bj = tl.load(pool_ptr + b_base + offs_jj[:, None].to(tl.int64) * width + offs_n[None, :],
+                     mask=mask_jj[:, None] & mask_n[None, :], other=0.0)                        # (BLOCK_R, BLOCK_N)
+        acc += _mm(yj.to(bj.dtype), bj, IEEE, UP)
     o_ptrs = out_ptr + tok[:, None] * stride_out + c0 + offs_n[None, :]
     mask = mask_t[:, None] & mask_n[None, :]
     o = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32) + scale * acc
@@ -226,7 +226,7 @@ def lora_shrink(
         return
     BLOCK_R = block_r
     per_split = triton.cdiv(K, split)
-    BLOCK_K = min(256, max(16, triton.next_power_of_2(per_split)))
+    BLOCK_K = min(128, max(16, triton.next_power_of_2(per_split)))
     k_per = triton.cdiv(per_split, BLOCK_K) * BLOCK_K  # each program's K range, a multiple of BLOCK_K
     grid = (NB, triton.cdiv(max_rank, BLOCK_R), split)
     _lora_shrink_kernel[grid](
