@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from rankwise.serve.kernels import pdl
+from rankwise.serve.kernels.graph_timing import graph_us
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1, the CI parity tests) multiplies bf16 tiles wrongly in tl.dot; there
 # the operands are widened to float32 first (exact).
@@ -144,27 +145,6 @@ SKINNY_CANDIDATES = (SkinnyLaunch(16, 256, 4, 4), SkinnyLaunch(32, 256, 4, 4), S
 _TUNED: dict[tuple, SkinnyLaunch | None] = {}
 
 
-def _graph_us(fn, calls: int = 20) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(3):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(1e3 * start.elapsed_time(end) / calls)
-    return sorted(times)[1]
-
-
 def tune_skinny(w: torch.Tensor, M: int, silu: bool) -> SkinnyLaunch | None:
     """The fastest `SkinnyLaunch` for x (M, K) @ w^T (or `gate_up_silu` when `silu`), or None when cuBLAS (plus the
     separate `silu_mul`) is faster; timed once per process and shape, as CUDA graphs."""
@@ -174,14 +154,14 @@ def tune_skinny(w: torch.Tensor, M: int, silu: bool) -> SkinnyLaunch | None:
     if key in _TUNED:
         return _TUNED[key]
     x = torch.randn(M, w.shape[1], device=w.device).to(w.dtype)
-    best, best_us = None, _graph_us((lambda: silu_mul(x @ w.t())) if silu else (lambda: x @ w.t()))
+    best, best_us = None, graph_us((lambda: silu_mul(x @ w.t())) if silu else (lambda: x @ w.t()))
     n_out = w.shape[0] // 2 if silu else w.shape[0]
     for c in SKINNY_CANDIDATES:
         if n_out % c.block_n or w.shape[1] % c.block_k:
             continue
         fn = (lambda: gate_up_silu(x, w, **vars(c))) if silu else (lambda: skinny_matmul(x, w, **vars(c)))
         try:
-            us = _graph_us(fn)
+            us = graph_us(fn)
         except Exception:  # a shape that does not compile or launch on this GPU is not a candidate
             continue
         if us < best_us:

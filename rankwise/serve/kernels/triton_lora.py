@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from rankwise.serve.kernels import pdl
+from rankwise.serve.kernels.graph_timing import graph_us
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1, used by the CI parity tests) multiplies bf16 tiles wrongly in
 # tl.dot; there the operands are widened to float32 first (exact: bf16 values are exact in fp32).
@@ -310,28 +311,6 @@ def _candidates(K: int) -> tuple[list[LoraLaunch], list[tuple[int, int]]]:
     return shrinks, [(16, 128), (64, 128), (32, 256)]
 
 
-def _graph_us(fn, calls: int = 20) -> float:
-    """Microseconds per call of `fn` replayed from a CUDA graph (how a decode graph runs it)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(3):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(1e3 * start.elapsed_time(end) / calls)
-    return sorted(times)[1]
-
-
 def tune_launch(K: int, part_widths: tuple[int, ...], num_blocks: int, max_lora_rank: int, dtype: torch.dtype,
                 device: torch.device) -> LoraLaunch:
     """The fastest `LoraLaunch` for a site of input K and these output parts, in a step of `num_blocks` blocks of
@@ -364,7 +343,7 @@ def tune_launch(K: int, part_widths: tuple[int, ...], num_blocks: int, max_lora_
     timed = []
     for c in shrinks:
         try:
-            timed.append((_graph_us(lambda: lora_shrink(x, pool, y, *meta, offA_t, rankA_t, max_rank=P * max_lora_rank,
+            timed.append((graph_us(lambda: lora_shrink(x, pool, y, *meta, offA_t, rankA_t, max_rank=P * max_lora_rank,
                                                         split=c.split, block_r=c.shrink_block_r)), c))
         except Exception:  # a shape that does not compile or launch on this GPU is not a candidate
             continue
@@ -373,7 +352,7 @@ def tune_launch(K: int, part_widths: tuple[int, ...], num_blocks: int, max_lora_
     for br, bn in expands:
         c = LoraLaunch(best.split, best.shrink_block_r, br, bn)
         try:
-            timed.append((_graph_us(lambda: lora_expand(y, out, pool, *meta, cols, offB_t, rankB_t, r0_t, scale, offG,
+            timed.append((graph_us(lambda: lora_expand(y, out, pool, *meta, cols, offB_t, rankB_t, r0_t, scale, offG,
                                                         split=c.split, block_r=br, block_n=bn)), c))
         except Exception:
             continue
