@@ -27,6 +27,7 @@ def test_smallest_configuration_prints_table(tmp_path, capsys):
           "--threads", "1", "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["method"] for r in rows] == ["fixed", "peft-lora"]
+    assert rows[0]["lr"] == 5e-4, "outside --quick the learning rate is rankwise train's default"
     assert all("error" not in r for r in rows), rows
     # equal budget: both use exactly the parameters of uniform rank 2 over the same 36 MiniLM modules
     assert rows[0]["params"] == rows[1]["params"] == rows[0]["budget_params"] == 2 * 6 * (4 * 768 + 2 * 1920)
@@ -40,3 +41,13 @@ def test_missing_data_dir_is_a_clear_error(tmp_path):
 
     with pytest.raises(SystemExit, match="--data-dir"):
         main(["--quick", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r.jsonl")])
+
+
+def test_presets_set_steps_and_learning_rate_and_flags_override_them():
+    sys.path.insert(0, str(ROOT))
+    from bench.quality import parse_args
+
+    full, quick = parse_args([]), parse_args(["--quick"])
+    assert (full.steps, full.lr, full.tasks) == ("1000", 5e-4, ["sst2", "cola", "rte", "mrpc"])
+    assert (quick.steps, quick.lr, quick.tasks) == ("100", 1e-3, ["sst2"])
+    assert parse_args(["--quick", "--lr", "2e-4"]).lr == 2e-4
