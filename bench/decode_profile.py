@@ -31,7 +31,7 @@ import serve as sb  # noqa: E402  (bench/serve.py)
 
 from rankwise.serve.config import EngineConfig  # noqa: E402
 from rankwise.serve.engine import Engine  # noqa: E402
-from rankwise.serve.kernels import pdl  # noqa: E402
+from rankwise.serve.kernels import graph_timing, pdl  # noqa: E402
 from rankwise.serve.lora_batch import plan_blocks  # noqa: E402
 
 B, CTX = 32, 192
@@ -127,31 +127,12 @@ def profile_case(engine: Engine, sites, steps: int = 5, graph: bool = True) -> d
 
 
 def graph_us(fn, calls: int = 20) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(5):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        ts.append(1e3 * s.elapsed_time(e) / calls)
-    return sorted(ts)[2]
+    return graph_timing.graph_us(fn, calls, replays=5)
 
 
 def gemm_candidates(engine: Engine) -> list[dict]:
-    from rankwise.serve.kernels.triton_gemm import gate_up_silu, skinny_matmul
     from rankwise.serve.kernels.triton_fused import silu_mul
+    from rankwise.serve.kernels.triton_gemm import gate_up_silu, skinny_matmul
 
     w = engine.model.w
     rows = []

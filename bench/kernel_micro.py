@@ -151,27 +151,10 @@ def main() -> None:
 
 def graph_ms(fn, calls: int = 50) -> float:
     """ms per call of `fn` replayed from a CUDA graph of `calls` calls (no host launch cost: small kernels are
-    timed as a decode step's graph runs them)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return sorted(times)[2]
+    timed as a decode step's graph runs them); median of 5 replays."""
+    from rankwise.serve.kernels.graph_timing import graph_us
+
+    return graph_us(fn, calls, replays=5) / 1e3
 
 
 def lora_site(K: int, parts: tuple[int, ...], n_adapters: int, dev="cuda", dtype=torch.bfloat16):
