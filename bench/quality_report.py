@@ -85,7 +85,18 @@ def print_report(rows: list[dict[str, Any]], markdown: bool = False) -> dict[str
         print(f"error: {r['task']} {r['method']} r{r['budget']} seed {r['seed']}: {r['error']}")
     if s["skipped"]:
         print(f"{len(s['skipped'])} row(s) skipped by the time limit.")
+    mixed = mixed_settings(rows)
+    if mixed:
+        print(f"warning: these rows were trained with different {', '.join(mixed)} (an --out file that already "
+              "held rows of another run?): the means above mix them. Pass a new --out, or --report one file per run.")
     return s
+
+
+def mixed_settings(rows: list[dict[str, Any]]) -> list[str]:
+    """The training settings that differ between the finished rows of one task (steps, lr, batch size)."""
+    done = [r for r in rows if "score" in r]
+    return [key for key in ("steps", "lr", "batch_size")
+            if any(len({r.get(key) for r in done if r["task"] == t}) > 1 for t in {r["task"] for r in done})]
 
 
 def _max_n(s: dict, budget: int, task: str) -> int:

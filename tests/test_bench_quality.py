@@ -51,3 +51,16 @@ def test_presets_set_steps_and_learning_rate_and_flags_override_them():
     assert (full.steps, full.lr, full.tasks) == ("1000", 5e-4, ["sst2", "cola", "rte", "mrpc"])
     assert (quick.steps, quick.lr, quick.tasks) == ("100", 1e-3, ["sst2"])
     assert parse_args(["--quick", "--lr", "2e-4"]).lr == 2e-4
+
+
+def test_report_warns_when_one_file_mixes_runs(capsys):
+    sys.path.insert(0, str(ROOT))
+    from bench.quality_report import mixed_settings, print_report
+
+    row = {"task": "sst2", "method": "fixed", "budget": 2, "seed": 0, "steps": 100, "lr": 1e-3, "batch_size": 16,
+           "score": 74.0, "params": 10, "wall_s": 1.0}
+    assert mixed_settings([row, {**row, "seed": 1}]) == []
+    assert mixed_settings([row, {**row, "seed": 1, "steps": 60, "lr": 5e-4}]) == ["steps", "lr"]
+    assert mixed_settings([row, {**row, "task": "cola", "steps": 60}]) == [], "tasks may differ in steps"
+    print_report([row, {**row, "seed": 1, "steps": 60}])
+    assert "warning: these rows were trained with different steps" in capsys.readouterr().out
