@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import tiny_bert, tiny_llama
 
-__all__ = ["cls_model_dir", "lm_model_dir", "math_files", "sentiment_rows", "sst_files", "word_tokenizer"]
+__all__ = ["cls_model_dir", "lm_model_dir", "math_files", "no_dropout_model_dir", "sentiment_rows", "sst_files", "word_tokenizer"]
 
 POSITIVE = ["good", "great", "fun", "fine", "lovely"]
 NEGATIVE = ["bad", "awful", "dull", "boring", "poor"]
@@ -48,6 +48,18 @@ def word_tokenizer(chat: bool = False):
 def cls_model_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-bert")
     tiny_bert(seed=0).save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def no_dropout_model_dir(tmp_path_factory) -> Path:
+    """The tiny BERT without dropout: dropout masks depend on how a batch is split into micro-batches or
+    processes, so runs that split it differently would differ."""
+    path = tmp_path_factory.mktemp("tiny-bert-no-dropout")
+    model = tiny_bert(seed=0)
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+    model.save_pretrained(path)
     word_tokenizer().save_pretrained(path)
     return path
 

@@ -13,8 +13,7 @@ import pytest
 import torch
 from allocate.dist_utils import run_distributed
 from safetensors.torch import load_file
-from tiny_models import tiny_bert
-from train_fixtures import sst_files, word_tokenizer  # noqa: F401  (pytest fixtures)
+from train_fixtures import no_dropout_model_dir, sst_files  # noqa: F401  (pytest fixtures)
 
 from rankwise.distributed import is_sharded
 from rankwise.train.config import TrainConfig
@@ -59,25 +58,14 @@ def _assert_close(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def cls_model_dir(tmp_path_factory) -> Path:
-    """The tiny BERT without dropout: dropout masks depend on how the batch is split, so they would differ."""
-    path = tmp_path_factory.mktemp("tiny-bert-no-dropout")
-    model = tiny_bert(seed=0)
-    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
-    model.save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, cls_model_dir, sst_files):  # noqa: F811
+def runs(tmp_path_factory, no_dropout_model_dir, sst_files):  # noqa: F811
     """One process x batch 8; 2 processes x batch 4 (DDP, FSDP2); 2 processes x batch 2 x grad_accum 2 (DDP)."""
     one = tmp_path_factory.mktemp("one")
     two, fsdp, accum = (tmp_path_factory.mktemp(n) for n in ("two", "fsdp", "accum"))
-    train(TrainConfig(**_config(cls_model_dir, sst_files, one)))
-    configs = {"ddp": ("ddp", _config(cls_model_dir, sst_files, two, batch_size=4)),
-               "fsdp": ("fsdp", _config(cls_model_dir, sst_files, fsdp, batch_size=4)),
-               "ddp_accum": ("ddp", _config(cls_model_dir, sst_files, accum, batch_size=2, grad_accum=2))}
+    train(TrainConfig(**_config(no_dropout_model_dir, sst_files, one)))
+    configs = {"ddp": ("ddp", _config(no_dropout_model_dir, sst_files, two, batch_size=4)),
+               "fsdp": ("fsdp", _config(no_dropout_model_dir, sst_files, fsdp, batch_size=4)),
+               "ddp_accum": ("ddp", _config(no_dropout_model_dir, sst_files, accum, batch_size=2, grad_accum=2))}
     summaries = run_distributed(run_train, 2, (configs,), timeout_s=180)
     return one, two, fsdp, accum, summaries
 
@@ -104,11 +92,11 @@ def test_process_0_alone_writes(runs):
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-00000003"]
 
 
-def test_a_two_process_checkpoint_resumes_in_one_process(runs, cls_model_dir, sst_files, tmp_path):  # noqa: F811
+def test_a_two_process_checkpoint_resumes_in_one_process(runs, no_dropout_model_dir, sst_files, tmp_path):  # noqa: F811
     """Saved by 2 processes x batch 4, resumed by one process x batch 4 x grad_accum 2: the same 8 rows a step."""
     _, two, _, _, _ = runs
     shutil.copytree(two, tmp_path / "finished")  # the resumed run writes its adapter into the same folder
-    cfg = _config(cls_model_dir, sst_files, two, batch_size=4, grad_accum=2,
+    cfg = _config(no_dropout_model_dir, sst_files, two, batch_size=4, grad_accum=2,
                   resume=str(two / "checkpoints" / "step-00000003"))
     train(TrainConfig(**cfg))
     _assert_close(tmp_path / "finished", two)

@@ -11,31 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import tiny_bert
-from train_fixtures import word_tokenizer
 
 from rankwise.train.config import TrainConfig
 from rankwise.train.runner import Hooks, Run, train
 
 STEPS = 6
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def plain_model_dir(tmp_path_factory) -> Path:
-    """The tiny BERT without dropout: masks depend on how a batch is split into micro-batches."""
-    path = tmp_path_factory.mktemp("tiny-bert-no-dropout")
-    model = tiny_bert(seed=0)
-    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
-    model.save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return path
 
 
 def config(model: Path, files, out: Path, **over) -> TrainConfig:
@@ -76,12 +56,12 @@ ADALORA = {"interval": 1, "warmup_steps": 1, "final_steps": 1}
 
 @pytest.mark.parametrize(("method", "options"), [("fixed", {}), ("adalora", ADALORA)])
 def test_accumulating_two_micro_batches_trains_the_adapter_of_the_double_batch(
-        method, options, plain_model_dir, sst_files, tmp_path):
+        method, options, no_dropout_model_dir, sst_files, tmp_path):
     """batch 4 x grad_accum 2 and batch 8 take the same 8 examples per step; AdaLoRA's scores (one on_backward
     per step, after the last micro-batch) see the same accumulated gradient, so it prunes the same triplets."""
     one, two = tmp_path / "b8", tmp_path / "b4x2"
-    s1 = train(config(plain_model_dir, sst_files, one, method=method, allocator_options=options))
-    s2 = train(config(plain_model_dir, sst_files, two, method=method, allocator_options=options,
+    s1 = train(config(no_dropout_model_dir, sst_files, one, method=method, allocator_options=options))
+    s2 = train(config(no_dropout_model_dir, sst_files, two, method=method, allocator_options=options,
                       batch_size=4, grad_accum=2))
     assert s1["effective_batch"] == s2["effective_batch"] == 8 and s2["steps"] == STEPS
     assert_same_adapter(one, two, atol=1e-5)
@@ -91,8 +71,8 @@ def test_accumulating_two_micro_batches_trains_the_adapter_of_the_double_batch(
         assert any(step > 0 for step, _, _ in history(one)), "AdaLoRA must prune in this run"
 
 
-def test_the_allocator_sees_one_backward_and_one_step_per_optimizer_step(plain_model_dir, sst_files, tmp_path):
-    run = Run(config(plain_model_dir, sst_files, tmp_path / "out", method="adalora", allocator_options=ADALORA,
+def test_the_allocator_sees_one_backward_and_one_step_per_optimizer_step(no_dropout_model_dir, sst_files, tmp_path):
+    run = Run(config(no_dropout_model_dir, sst_files, tmp_path / "out", method="adalora", allocator_options=ADALORA,
                      batch_size=2, grad_accum=3))
     run.build()
     calls, forwards = [], []
@@ -106,12 +86,12 @@ def test_the_allocator_sees_one_backward_and_one_step_per_optimizer_step(plain_m
     assert run.step == STEPS and len(forwards) > 3 * STEPS  # + the final evaluation's
 
 
-def test_resume_with_accumulation_is_exact_and_may_change_the_split(plain_model_dir, sst_files, tmp_path):
+def test_resume_with_accumulation_is_exact_and_may_change_the_split(no_dropout_model_dir, sst_files, tmp_path):
     """A checkpoint counts optimizer steps: resuming a grad_accum=2 run reproduces it bit for bit; the same
     effective batch split another way resumes too; another effective batch is refused, naming the fix."""
     kw = {"method": "adalora", "allocator_options": ADALORA, "batch_size": 4, "grad_accum": 2, "save_every": 3}
     ref = tmp_path / "ref"
-    train(config(plain_model_dir, sst_files, ref, **kw))
+    train(config(no_dropout_model_dir, sst_files, ref, **kw))
 
     class Crash(RuntimeError):
         pass
@@ -123,15 +103,15 @@ def test_resume_with_accumulation_is_exact_and_may_change_the_split(plain_model_
     for name, resume_kw in (("same", {}), ("resplit", {"batch_size": 8, "grad_accum": 1})):
         out = tmp_path / name
         with pytest.raises(Crash):
-            train(config(plain_model_dir, sst_files, out, **kw), Hooks(after_step=[crash]))
-        train(config(plain_model_dir, sst_files, out, **{**kw, **resume_kw}, resume="latest"))
+            train(config(no_dropout_model_dir, sst_files, out, **kw), Hooks(after_step=[crash]))
+        train(config(no_dropout_model_dir, sst_files, out, **{**kw, **resume_kw}, resume="latest"))
         assert history(out) == history(ref)
         if name == "same":
             assert all(torch.equal(adapter(ref)[k], v) for k, v in adapter(out).items())
         else:
             assert_same_adapter(ref, out, atol=1e-5)
     with pytest.raises(ValueError, match=r"effective batch .*8 -> 4 x 1 x 1 = 4.*stays 8"):
-        train(config(plain_model_dir, sst_files, tmp_path / "same", **{**kw, "grad_accum": 1}, resume="latest"))
+        train(config(no_dropout_model_dir, sst_files, tmp_path / "same", **{**kw, "grad_accum": 1}, resume="latest"))
 
 
 # ---- gradient checkpointing ----------------------------------------------------------------------------------

@@ -55,13 +55,6 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert ma["eval"] == mb["eval"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, cls_model_dir, sst_files):
     """Uninterrupted runs, one per method, computed once."""
