@@ -10,8 +10,10 @@ from collections import defaultdict
 from typing import Any
 
 REFERENCE_ROWS = ("fixed", "peft-lora", "peft-adalora")
-TASK_ORDER = ("sst2", "cola", "rte", "mrpc", "gsm8k")
-HEADERS = {"sst2": "SST-2 acc", "cola": "CoLA mcc", "rte": "RTE acc", "mrpc": "MRPC acc", "gsm8k": "GSM8K loss"}
+LM_TASKS = ("gsm8k", "alpaca", "math")   # scored by held-out loss: lower is better
+TASK_ORDER = ("sst2", "cola", "rte", "mrpc", *LM_TASKS)
+HEADERS = {"sst2": "SST-2 acc", "cola": "CoLA mcc", "rte": "RTE acc", "mrpc": "MRPC acc", "gsm8k": "GSM8K loss",
+           "alpaca": "Alpaca loss", "math": "Math loss"}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -26,8 +28,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     wall: dict[tuple, list[float]] = defaultdict(list)
     for r in ok:
         key = (r["budget"], r["method"], r["task"])
-        # gsm8k's score is minus the held-out loss (higher is better everywhere); show the loss itself
-        scores[key].append(r["metrics"]["loss"] if r["task"] == "gsm8k" else r["score"])
+        # an LM task's score is minus the held-out loss (higher is better everywhere); show the loss itself
+        scores[key].append(r["metrics"]["loss"] if r["task"] in LM_TASKS else r["score"])
         params[(r["budget"], r["method"])].append(r["params"])
         wall[(r["budget"], r["method"])].append(r["wall_s"])
     budgets = sorted({k[0] for k in scores})
@@ -45,7 +47,7 @@ def _method_rank(m: str) -> tuple:
 
 def cls_average(s: dict, budget: int, method: str) -> float | None:
     """Mean over the classification tasks of the per-task means; None if a task is missing."""
-    tasks = [t for t in s["tasks"] if t != "gsm8k"]
+    tasks = [t for t in s["tasks"] if t not in LM_TASKS]
     vals = [s["scores"].get((budget, method, t)) for t in tasks]
     if not tasks or any(not v for v in vals):
         return None
@@ -53,7 +55,7 @@ def cls_average(s: dict, budget: int, method: str) -> float | None:
 
 
 def _better(task: str, a: float, b: float) -> bool:
-    return a < b if task == "gsm8k" else a > b
+    return a < b if task in LM_TASKS else a > b
 
 
 def print_report(rows: list[dict[str, Any]], markdown: bool = False) -> dict[str, Any]:
@@ -68,7 +70,8 @@ def print_report(rows: list[dict[str, Any]], markdown: bool = False) -> dict[str
             cells = [m]
             for t in s["tasks"]:
                 v = s["scores"].get((budget, m, t))
-                cells.append(f"{_mean_std(v)[0]:.{3 if t == 'gsm8k' else 1}f} ± {_mean_std(v)[1]:.{3 if t == 'gsm8k' else 1}f}"
+                digits = 3 if t in LM_TASKS else 1
+                cells.append(f"{_mean_std(v)[0]:.{digits}f} ± {_mean_std(v)[1]:.{digits}f}"
                              + (f" ({len(v)})" if v and len(v) != _max_n(s, budget, t) else "") if v else "-")
             avg = cls_average(s, budget, m)
             cells.append("-" if avg is None else f"{avg:.2f}")

@@ -8,6 +8,10 @@ Classification (MiniLM, all-MiniLM-L6-v2 as a BertForSequenceClassification):
 Causal LM (SmolLM2-135M-Instruct, from its Q4_1 GGUF dequantized to fp32):
     gsm8k GSM8K train.jsonl -> the first rows of test.jsonl, held-out loss on the answer tokens (lower is
           better; the table shows minus the loss so that higher is better everywhere)
+    alpaca  Alpaca instruction tuning (alpaca/alpaca_small_2k.json, 2,000 rows): a fixed 300-row split is the
+          dev set, held-out loss on the response tokens
+    math  LLM-Adapters' maths instruction set (llm-adapters/ft-training_set/math_data.json, 3,260 rows of
+          worked solutions): a fixed 300-row split is the dev set, held-out loss on the solution tokens
 
 Data order: `batch_plan(n, steps, batch_size, seed)` is a seeded permutation (epochs concatenated), the same
 for every method of one seed. 64 training rows are held out of every method's training data: ALoRA scores
@@ -89,14 +93,48 @@ def read_gsm8k(d: Path, split: str) -> list[tuple]:
         return [(row["question"], row["answer"], None) for row in map(json.loads, fh)]
 
 
+DEV_SPLIT_ROWS = 300  # dev rows split off the instruction sets that ship without a test split
+
+
+def _fixed_split(rows: list, split: str) -> list:
+    """A dataset with one file: the first DEV_SPLIT_ROWS of a fixed permutation are "dev", the rest "train".
+    Rows without a response are dropped and repeated rows kept once, so no dev row is also a training row."""
+    rows = list(dict.fromkeys(r for r in rows if r[1]))
+    perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(HELDOUT_SEED + 7)).tolist()
+    idx = perm[:DEV_SPLIT_ROWS] if split == "dev" else perm[DEV_SPLIT_ROWS:]
+    return [rows[i] for i in idx]
+
+
+def _read_json_list(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing. Pass --data-dir pointing at the shared datasets folder.")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _instruction(row: dict) -> str:
+    return row["instruction"] + ("\n\n" + row["input"] if row.get("input") else "")
+
+
+def read_alpaca(d: Path, split: str) -> list[tuple]:
+    rows = _read_json_list(d / "alpaca" / "alpaca_small_2k.json")
+    return _fixed_split([(_instruction(r), r["output"], None) for r in rows], split)
+
+
+def read_math(d: Path, split: str) -> list[tuple]:
+    rows = _read_json_list(d / "llm-adapters" / "ft-training_set" / "math_data.json")
+    return _fixed_split([(_instruction(r), r["output"].strip(), None) for r in rows], split)
+
+
 CLS_TASKS = {"sst2": (read_sst2, "accuracy"), "cola": (read_cola, "mcc"), "rte": (read_rte, "accuracy"),
              "mrpc": (read_mrpc, "accuracy")}
-LM_TASKS = {"gsm8k": (read_gsm8k, "neg_loss")}
+LM_TASKS = {"gsm8k": (read_gsm8k, "neg_loss"), "alpaca": (read_alpaca, "neg_loss"),
+            "math": (read_math, "neg_loss")}
 ALL_TASKS = (*CLS_TASKS, *LM_TASKS)
 
 
 def check_data_dir(data_dir: Path, tasks: list[str]) -> None:
-    folder = {"sst2": "SST-2", "cola": "CoLA", "rte": "RTE", "mrpc": "MRPC", "gsm8k": "gsm8k"}
+    folder = {"sst2": "SST-2", "cola": "CoLA", "rte": "RTE", "mrpc": "MRPC", "gsm8k": "gsm8k",
+              "alpaca": "alpaca", "math": "llm-adapters"}
     missing = [folder[t] for t in tasks if not (data_dir / folder[t]).is_dir()]
     if missing:
         raise SystemExit(

@@ -64,3 +64,29 @@ def test_report_warns_when_one_file_mixes_runs(capsys):
     assert mixed_settings([row, {**row, "task": "cola", "steps": 60}]) == [], "tasks may differ in steps"
     print_report([row, {**row, "seed": 1, "steps": 60}])
     assert "warning: these rows were trained with different steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("task", ["alpaca", "math"])
+def test_instruction_sets_split_into_disjoint_fixed_train_and_dev(task):
+    sys.path.insert(0, str(ROOT))
+    from bench.quality_tasks import DEV_SPLIT_ROWS, LM_TASKS
+
+    reader = LM_TASKS[task][0]
+    train, dev = reader(DATA, "train"), reader(DATA, "dev")
+    assert len(dev) == DEV_SPLIT_ROWS and len(train) > 1000
+    assert not {r[0] + r[1] for r in dev} & {r[0] + r[1] for r in train}
+    assert reader(DATA, "dev") == dev, "the split is fixed, not drawn per run"
+    assert all(q and a for q, a, _ in dev), "every row has an instruction and a response"
+
+
+def test_report_shows_lm_losses_lower_is_better(capsys):
+    sys.path.insert(0, str(ROOT))
+    from bench.quality_report import print_report
+
+    base = {"budget": 2, "seed": 0, "steps": 10, "lr": 1e-3, "batch_size": 8, "params": 10, "wall_s": 1.0}
+    rows = [{**base, "task": "alpaca", "method": "fixed", "score": -1.5, "metrics": {"loss": 1.5}},
+            {**base, "task": "alpaca", "method": "sora", "score": -1.4, "metrics": {"loss": 1.4}}]
+    print_report(rows)
+    out = capsys.readouterr().out
+    assert "Alpaca loss" in out and "1.400" in out
+    assert [ln for ln in out.splitlines() if ln.startswith("sora")][-1].split()[-2] == "1/1", "lower loss wins"
