@@ -307,8 +307,9 @@ def _candidates(K: int) -> tuple[list[LoraLaunch], list[tuple[int, int]]]:
     """Shrink shapes (split, rank tile) and expand tiles (rank, columns) tried by `tune_launch`; the first of each
     is the default."""
     s = max(1, triton.cdiv(K, K_PER))
-    shrinks = [LoraLaunch(s), LoraLaunch(s, 32), LoraLaunch(2 * s), LoraLaunch(max(1, s // 2))]
-    return shrinks, [(16, 128), (64, 128), (32, 256)]
+    shrinks = [LoraLaunch(s), LoraLaunch(s, 32), LoraLaunch(2 * s), LoraLaunch(max(1, s // 2)), LoraLaunch(2 * s, 32),
+               LoraLaunch(s, 64)]
+    return shrinks, [(16, 128), (64, 128), (32, 256), (32, 128), (64, 256), (16, 64)]
 
 
 def tune_launch(K: int, part_widths: tuple[int, ...], num_blocks: int, max_lora_rank: int, dtype: torch.dtype,
