@@ -7,7 +7,9 @@ its replays with CUDA events:
   - side stream on / off (does the LoRA shrink overlap the base GEMM?), PDL off / on (`kernels/pdl.py`);
   - one torch.profiler trace per case: device time per kernel, busy time (union of kernel intervals) per step;
   - LoRA orders (EngineConfig.lora_order), forced skinny q/k/v/o GEMMs, decode attention launch shapes;
-  - with --gemms: candidate skinny GEMMs (`kernels/triton_gemm.py`) against cuBLAS at the step's shapes.
+  - with --gemms: candidate skinny GEMMs (`kernels/triton_gemm.py`) against cuBLAS at the step's shapes;
+  - a prefill step of PREFILL_T tokens (the serving benchmark's mean step is ~290) as a graph: no LoRA, one
+    adapter, four adapters; LoRA orders; split K on / off (`prefill.SPLIT_TOKENS`); its kernels from the profiler.
 Writes decode_profile.json; prints a table last.
 """
 
@@ -124,6 +126,79 @@ def profile_case(engine: Engine, sites, steps: int = 5, graph: bool = True) -> d
     return {"kernels_per_step": len(ev) / steps, "kernel_sum_us": sum(per.values()), "busy_us": busy / steps,
             "span_us": (iv[-1][1] - iv[0][0]) / steps, "streams": [str(s) for s in streams],
             "by_kernel_us": {k: round(v, 2) for k, v in top}, "lora_first_layers": lora_seq, "count_per_step": {k: cnt[k] / steps for k, _ in top}}
+
+
+PREFILL_T = 320
+
+
+def prefill_step_ms(engine: Engine, token_slots: list[int], sites, replays: int = 30) -> float:
+    """A prefill graph of PREFILL_T tokens (one prompt per adapter run of token_slots) captured afresh, timed."""
+    runner = engine.prefill
+    runner.graphs.clear()
+    lens, prev = [], None
+    for s in token_slots:
+        if s != prev or lens[-1] >= 256:
+            lens.append(0)
+        lens[-1] += 1
+        prev = s
+    ids = torch.randint(0, 1000, (PREFILL_T,)).tolist()
+    pos = [p for n in lens for p in range(n)]
+    runner.run(ids, pos, [0] * PREFILL_T, lens, token_slots, sites)   # captures; cache writes go to scratch
+    graph = runner.graphs[(runner.padded(PREFILL_T), sites)]
+    times = []
+    for _ in range(3):
+        torch.cuda.synchronize()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(replays):
+            graph.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / replays)
+    return sorted(times)[1]
+
+
+def prefill_cases(engine: Engine, slots: list[int], qkvo) -> tuple[dict, dict]:
+    import rankwise.serve.prefill as prefill_mod
+
+    ctx, res = engine.batch.lora_ctx, {}
+    one = [slots[0]] * PREFILL_T
+    four = [slots[i * 4] for i in range(4) for _ in range(PREFILL_T // 4)]
+    cases = [("none", [-1] * PREFILL_T, None, "side", True), ("1 adapter side", one, qkvo, "side", True),
+             ("4 adapters side", four, qkvo, "side", True), ("1 adapter gemm_first", one, qkvo, "gemm_first", True),
+             ("1 adapter shrink_first", one, qkvo, "shrink_first", True),
+             ("4 adapters gemm_first", four, qkvo, "gemm_first", True),
+             ("1 adapter side no split", one, qkvo, "side", False),
+             ("4 adapters side no split", four, qkvo, "side", False)]
+    saved = prefill_mod.SPLIT_TOKENS
+    for name, ts, sites, order, split in cases:
+        ctx["order"] = order
+        prefill_mod.SPLIT_TOKENS = saved if split else 0
+        try:
+            res[name] = prefill_step_ms(engine, ts, sites)
+        except Exception as exc:
+            res[name] = f"error {exc!r}"[:300]
+        finally:
+            ctx["order"], prefill_mod.SPLIT_TOKENS = "side", saved
+        print(f"prefill {PREFILL_T} {name:<36} {res[name]}", flush=True)
+    prof = {}
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        prefill_step_ms(engine, one, qkvo, replays=2)
+        graph = engine.prefill.graphs[(engine.prefill.padded(PREFILL_T), qkvo)]
+        with profile(activities=[ProfilerActivity.CUDA]) as pr:
+            for _ in range(3):
+                graph.replay()
+            torch.cuda.synchronize()
+        per = defaultdict(float)
+        for e in pr.key_averages():
+            per[e.key[:60]] += e.device_time_total / 3 if hasattr(e, "device_time_total") else e.cuda_time_total / 3
+        prof = {k: round(v, 1) for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:16]}
+    except Exception as exc:
+        prof = {"error": repr(exc)[:300]}
+    engine.prefill.graphs.clear()
+    return res, prof
 
 
 def graph_us(fn, calls: int = 20) -> float:
@@ -246,6 +321,8 @@ def main() -> None:
         case(f"lora1 {order}", one, qkvo, order=order)
     out["graph_step_ms"] = steps
     save()
+    out["prefill_step_ms"], out["prefill_profile_us"] = prefill_cases(engine, slots, qkvo)
+    save()
     lora_cases = {o: steps.get(f"lora32 {o}") for o in ("side", "gemm_first", "shrink_first")}
     best = min((o for o, v in lora_cases.items() if isinstance(v, float)), key=lambda o: lora_cases[o], default="side")
     out["best_order"] = best
@@ -280,6 +357,10 @@ def main() -> None:
         for name, us in list(p["by_kernel_us"].items())[:14]:
             print(f"  {us:8.1f} us  x{p['count_per_step'][name]:<5.0f} {name}")
         print("  first LoRA kernels:", p.get("lora_first_layers"))
+    print(f"\n== prefill step of {PREFILL_T} tokens (graph ms) ==")
+    for k, v in out["prefill_step_ms"].items():
+        print(f"{k:<40} {v if isinstance(v, str) else f'{v:.4f}'}")
+    print("prefill kernels (us per step, 1 adapter):", out["prefill_profile_us"])
     print("best order", out["best_order"], "best attention launch", out["best_attn"])
 
 
