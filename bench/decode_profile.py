@@ -9,7 +9,7 @@ its replays with CUDA events:
   - LoRA orders (EngineConfig.lora_order), forced skinny q/k/v/o GEMMs, decode attention launch shapes;
   - with --gemms: candidate skinny GEMMs (`kernels/triton_gemm.py`) against cuBLAS at the step's shapes;
   - a prefill step of PREFILL_T tokens (the serving benchmark's mean step is ~290) as a graph: no LoRA, one
-    adapter, four adapters; LoRA orders; split K on / off (`prefill.SPLIT_TOKENS`); its kernels from the profiler.
+    adapter, four adapters; LoRA orders; its kernels from the profiler.
 Writes decode_profile.json; prints a table last.
 """
 
@@ -159,27 +159,20 @@ def prefill_step_ms(engine: Engine, token_slots: list[int], sites, replays: int 
 
 
 def prefill_cases(engine: Engine, slots: list[int], qkvo) -> tuple[dict, dict]:
-    import rankwise.serve.prefill as prefill_mod
-
     ctx, res = engine.batch.lora_ctx, {}
     one = [slots[0]] * PREFILL_T
     four = [slots[i * 4] for i in range(4) for _ in range(PREFILL_T // 4)]
-    cases = [("none", [-1] * PREFILL_T, None, "side", True), ("1 adapter side", one, qkvo, "side", True),
-             ("4 adapters side", four, qkvo, "side", True), ("1 adapter gemm_first", one, qkvo, "gemm_first", True),
-             ("1 adapter shrink_first", one, qkvo, "shrink_first", True),
-             ("4 adapters gemm_first", four, qkvo, "gemm_first", True),
-             ("1 adapter side no split", one, qkvo, "side", False),
-             ("4 adapters side no split", four, qkvo, "side", False)]
-    saved = prefill_mod.SPLIT_TOKENS
-    for name, ts, sites, order, split in cases:
+    cases = [("none", [-1] * PREFILL_T, None, "side"), ("1 adapter side", one, qkvo, "side"),
+             ("4 adapters side", four, qkvo, "side"), ("1 adapter gemm_first", one, qkvo, "gemm_first"),
+             ("1 adapter shrink_first", one, qkvo, "shrink_first"), ("4 adapters gemm_first", four, qkvo, "gemm_first")]
+    for name, ts, sites, order in cases:
         ctx["order"] = order
-        prefill_mod.SPLIT_TOKENS = saved if split else 0
         try:
             res[name] = prefill_step_ms(engine, ts, sites)
         except Exception as exc:
             res[name] = f"error {exc!r}"[:300]
         finally:
-            ctx["order"], prefill_mod.SPLIT_TOKENS = "side", saved
+            ctx["order"] = "side"
         print(f"prefill {PREFILL_T} {name:<36} {res[name]}", flush=True)
     prof = {}
     try:

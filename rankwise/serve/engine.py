@@ -401,7 +401,6 @@ class Engine:
                 tune_launch(L.site_in[s], tuple(b - a for a, b in zip(L.part_cols[s], L.part_cols[s][1:])),
                             self.config.max_num_seqs, self.config.max_lora_rank, self.dtype, self.device)
                 for s in range(4))
-            self.prefill.lora_launch = self.batch.lora_launch  # its tiles; small prefill steps split K too
         self._tune_decode_gemms()
         self._warm_prefill()
         if self.batch.use_graphs:

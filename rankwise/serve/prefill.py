@@ -18,11 +18,6 @@ one partial block) and R = max_num_seqs:
 
 last[i] is the index of the last token of prompt i; the graph writes those tokens' final hidden states to
 `hidden_last` (R, hidden), which the engine turns into logits and samples.
-
-LoRA launch shape: a step of at most SPLIT_TOKENS tokens (most steps of a serving load: one or two prompts) has
-too few blocks to fill the GPU when each program walks the whole reduction over K, so its shrink splits K over
-K / 256 programs per block (`triton_lora.split_k` with few blocks), as decode steps do; larger steps keep one
-program per block and rank tile. The tiles come from the decode tuning when the engine has one (`lora_launch`).
 """
 
 from __future__ import annotations
@@ -33,8 +28,6 @@ import torch
 
 from rankwise.serve.lora_batch import LoraStep, lora_workspace, plan_blocks
 from rankwise.serve.model import AttnBatch, LlamaFamilyModel, LoraContext, seq_starts
-
-SPLIT_TOKENS = 512  # prefill steps of at most this many tokens split the LoRA shrink's K (module docstring)
 
 
 def prefill_sizes(max_tokens: int, multiple: int) -> list[int]:
@@ -60,7 +53,6 @@ class PrefillRunner:
         self.hidden_last = torch.zeros((max_num_seqs, model.spec.hidden), dtype=model.dtype, device=dev)
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._graph_pool = graph_pool
-        self.lora_launch: tuple | None = None  # per site, tiles tuned for decode (Engine.warmup); None: defaults
 
     def num_blocks(self, T: int) -> int:
         return T // self.block_t + self.R
@@ -112,29 +104,12 @@ class PrefillRunner:
         lora = None
         if sites is not None:
             c = self.lora_ctx
-            launch = self.launch_for(T)
-            few = 1 if launch is not None else NB  # split K like a step of few blocks
-            y = lora_workspace(c["backend"], max(c["layout"].site_in), few, T, 3 * c["max_lora_rank"], buf.device)
+            y = lora_workspace(c["backend"], max(c["layout"].site_in), NB, T, 3 * c["max_lora_rank"], buf.device)
             step = LoraStep(meta[T: 2 * T], blocks[0], blocks[1], blocks[2], y, self.block_t)
-            lora = LoraContext(step=step, sites=sites, launch=launch, **c)
+            lora = LoraContext(step=step, sites=sites, **c)
         seq_start = meta[:T] if m.use_triton else None
         hidden = m.forward(ids, positions, self.kv, AttnBatch(slots, prefill_lens=lens, seq_start=seq_start), lora)
         self.hidden_last.copy_(hidden.index_select(0, last))
-
-    def launch_for(self, T: int) -> tuple | None:
-        """Per site, the LoRA launch of a Triton step of T tokens: K split into K / 256 (the default of a step of
-        few blocks) up to SPLIT_TOKENS tokens, with the decode-tuned tiles; None (the defaults: no split) above."""
-        if self.lora_ctx.get("backend") != "triton" or T > SPLIT_TOKENS:
-            return None
-        from rankwise.serve.kernels.triton_lora import LoraLaunch, default_launch
-
-        layout, tuned = self.lora_ctx["layout"], self.lora_launch
-        out = []
-        for site in range(4):
-            split = default_launch(layout.site_in[site], 1).split
-            out.append(LoraLaunch(split) if tuned is None else LoraLaunch(
-                split, tuned[site].shrink_block_r, tuned[site].expand_block_r, tuned[site].expand_block_n))
-        return tuple(out)
 
     # ---- warm-up and graphs -----------------------------------------------------------------------------
 

@@ -192,19 +192,3 @@ def test_broken_adapter_fails_only_its_request(adapter_dir, tmp_path):
     assert outs[0].finish_reason == "error" and "cannot be served" in outs[0].error
     assert outs[1].finish_reason == "length" and len(outs[1].output_ids) == 2
 
-
-def test_small_prefill_steps_split_the_lora_reduction():
-    # a prefill step of one or two prompts has few LoRA blocks: its shrink splits K like a decode step's
-    from rankwise.serve.kernels.triton_lora import LoraLaunch
-    from rankwise.serve.lora_batch import LoraLayout
-    from rankwise.serve.prefill import SPLIT_TOKENS, PrefillRunner
-
-    runner = PrefillRunner.__new__(PrefillRunner)
-    layout = LoraLayout.for_model(2, 2048, 2048, 512, 8192)
-    runner.lora_ctx, runner.lora_launch = {"backend": "triton", "layout": layout}, None
-    assert [c.split for c in runner.launch_for(256)] == [8, 8, 8, 32]   # K = 2048, 2048, 2048, 8192
-    assert runner.launch_for(SPLIT_TOKENS + 64) is None, "large steps keep one program per block"
-    runner.lora_launch = (LoraLaunch(16, 32, 64, 256),) * 4
-    assert runner.launch_for(64)[0] == LoraLaunch(8, 32, 64, 256), "tiles from the decode tuning, split by K"
-    runner.lora_ctx = {"backend": "reference", "layout": layout}
-    assert runner.launch_for(64) is None
