@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     methods = args.methods or all_methods()
     known = set(all_methods())
-    bad = [m for m in methods if m not in known]
+    bad = [m for m in methods if m.partition("@")[0] not in known]
     if bad:
         raise SystemExit(f"--methods {bad}: unknown; available: {sorted(known)}")
     out = Path(args.out or ROOT / "runs" / f"bench_quality_{time.strftime('%Y%m%d_%H%M%S')}.jsonl")

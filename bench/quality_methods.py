@@ -6,6 +6,10 @@ Methods:
                    injected at the budget's rank k (fixed) or at r0 = ceil(1.5 k) (adaptive), alpha = 2 r0
                    (scale s = 2 everywhere), default allocator options, `prepare` on 8 calibration batches.
     peft-lora      peft.LoraConfig(r=k, lora_alpha=2k): PEFT's plain LoRA at the rank the budget pays for.
+    <m>@scale=X    a rankwise method with alpha = X r0 (scale X instead of 2): controls for the effective learning
+                   rate of the update, which grows with the injected rank at a fixed scale (adaptive methods
+                   start at 1.5x the rank), e.g. adalora@scale=1.333 (alpha = 2 k, the budget's rank) or
+                   fixed@scale=3 (fixed rank with adaptive's 1.5x).
     peft-adalora   peft.AdaLoraConfig(init_r=r0, target_r=k, lora_alpha=2 r0, so s = alpha / init_r = 2 as for
                    the others, not PEFT's default 8 / 12), t_init 10%, t_final 20%, deltaT 10 (rankwise
                    AdaLoRA's defaults), orth_reg_weight PEFT's default 0.5; `update_and_allocate(step)` is called
@@ -33,9 +37,20 @@ PEFT_METHODS = ("peft-lora", "peft-adalora")
 CALIBRATION_BATCHES = 8  # as rankwise.train.runner
 
 
+def split_variant(method: str) -> tuple[str, float]:
+    """"adalora@scale=1.333" -> ("adalora", 1.333); a plain name -> (name, 2.0), the CLI's scale."""
+    name, _, variant = method.partition("@")
+    if not variant:
+        return name, 2.0
+    key, _, value = variant.partition("=")
+    if key != "scale" or name in PEFT_METHODS:
+        raise ValueError(f"method {method!r}: the only variant is <rankwise method>@scale=X, e.g. adalora@scale=1.333.")
+    return name, float(value)
+
+
 def init_rank(method: str, k: int) -> int:
     """The rank adapters are injected at: the CLI's default (runner.py), 1.5x the budget's rank if adaptive."""
-    return k if method in ("fixed", "peft-lora") else max(1, math.ceil(1.5 * k))
+    return k if split_variant(method)[0] in ("fixed", "peft-lora") else max(1, math.ceil(1.5 * k))
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, steps: int, warmup_ratio: float):
@@ -124,7 +139,8 @@ def setup_rankwise(method: str, model: nn.Module, task: Task, k: int, budget_par
 
     targets = MINILM_TARGETS if task.kind == "cls" else SMOLLM_TARGETS
     r0 = init_rank(method, k)
-    rankwise.inject(model, rankwise.LoraConfig(r=r0, alpha=2.0 * r0, target_modules=targets,
+    method, scale = split_variant(method)
+    rankwise.inject(model, rankwise.LoraConfig(r=r0, alpha=scale * r0, target_modules=targets,
                                                modules_to_save=modules_to_save))
     alloc = make_allocator(method, model, Budget(params=budget_params), allocator_options.get(method),
                            total_steps=steps, seed=seed)

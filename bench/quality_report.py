@@ -126,7 +126,7 @@ def _print_summary(s: dict, markdown: bool) -> None:
         table.append(cells)
     print("\nSummary (task x budget cells where the method's mean is better than the reference's mean)")
     _print_table(head, table, markdown)
-    adaptive = {m: v for m, v in overall.items() if m not in REFERENCE_ROWS and v is not None}
+    adaptive = {m: v for m, v in overall.items() if m.partition("@")[0] not in REFERENCE_ROWS and v is not None}
     if adaptive:
         best = max(adaptive, key=adaptive.get)
         fixed = overall.get("fixed")

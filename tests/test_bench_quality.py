@@ -90,3 +90,15 @@ def test_report_shows_lm_losses_lower_is_better(capsys):
     out = capsys.readouterr().out
     assert "Alpaca loss" in out and "1.400" in out
     assert [ln for ln in out.splitlines() if ln.startswith("sora")][-1].split()[-2] == "1/1", "lower loss wins"
+
+
+def test_method_scale_variants_parse_and_refuse_the_rest():
+    sys.path.insert(0, str(ROOT))
+    from bench.quality_methods import init_rank, split_variant
+
+    assert split_variant("adalora") == ("adalora", 2.0)
+    assert split_variant("adalora@scale=1.333") == ("adalora", 1.333)
+    assert init_rank("fixed@scale=3", 8) == 8 and init_rank("sora@scale=1.333", 8) == 12
+    for bad in ("fixed@alpha=3", "peft-lora@scale=1"):
+        with pytest.raises(ValueError, match="@scale=X"):
+            split_variant(bad)
