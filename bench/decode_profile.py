@@ -58,15 +58,14 @@ def reset_positions(engine: Engine) -> None:
     engine.batch.positions[:B] = CTX - 1
 
 
-def graph_step_ms(engine: Engine, sites, replays: int = 40) -> float:
-    b = engine.batch
-    reset_positions(engine)
-    b.capture(B, sites, True)
-    graph, _ = b.graphs[(B, sites, True)]
+def replay_ms(graph, replays: int, before=None) -> float:
+    """Median of 3 rounds of `replays` back-to-back replays, ms per replay (CUDA events); `before` runs ahead of
+    each round, followed by one untimed replay."""
     times = []
     for _ in range(3):
-        reset_positions(engine)
-        graph.replay()
+        if before is not None:
+            before()
+            graph.replay()
         torch.cuda.synchronize()
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
@@ -75,8 +74,17 @@ def graph_step_ms(engine: Engine, sites, replays: int = 40) -> float:
         e.record()
         e.synchronize()
         times.append(s.elapsed_time(e) / replays)
-    reset_positions(engine)
     return sorted(times)[1]
+
+
+def graph_step_ms(engine: Engine, sites, replays: int = 40) -> float:
+    b = engine.batch
+    reset_positions(engine)
+    b.capture(B, sites, True)
+    graph, _ = b.graphs[(B, sites, True)]
+    ms = replay_ms(graph, replays, before=lambda: reset_positions(engine))
+    reset_positions(engine)
+    return ms
 
 
 def profile_case(engine: Engine, sites, steps: int = 5, graph: bool = True) -> dict:
@@ -144,18 +152,7 @@ def prefill_step_ms(engine: Engine, token_slots: list[int], sites, replays: int 
     ids = torch.randint(0, 1000, (PREFILL_T,)).tolist()
     pos = [p for n in lens for p in range(n)]
     runner.run(ids, pos, [0] * PREFILL_T, lens, token_slots, sites)   # captures; cache writes go to scratch
-    graph = runner.graphs[(runner.padded(PREFILL_T), sites)]
-    times = []
-    for _ in range(3):
-        torch.cuda.synchronize()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(replays):
-            graph.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / replays)
-    return sorted(times)[1]
+    return replay_ms(runner.graphs[(runner.padded(PREFILL_T), sites)], replays)
 
 
 def prefill_cases(engine: Engine, slots: list[int], qkvo) -> tuple[dict, dict]:
