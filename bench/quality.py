@@ -4,6 +4,8 @@ trainable-parameter budgets, on real tasks with real models.
     python bench/quality.py --quick                      # CPU: SST-2, one budget, one seed, 100 steps
     python bench/quality.py                              # the full table: 4 GLUE tasks x 2 budgets x 3 seeds
     python bench/quality.py --tasks gsm8k --budgets 8    # SmolLM2-135M, held-out loss (CPU: slow)
+    python bench/quality.py --tasks alpaca,math          # SmolLM2-135M on Alpaca / LLM-Adapters maths (held-out loss)
+    python bench/quality.py --methods "fixed@scale=3,adalora@scale=1.333"   # update-size controls (quality_methods)
     python bench/quality.py --report results.jsonl       # print the tables of earlier runs
 
 A budget k means the parameters of uniform rank k over the same target modules: sum_i k * (in_i + out_i).

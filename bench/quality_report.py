@@ -9,9 +9,10 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
+from bench.quality_tasks import CLS_TASKS, LM_TASKS  # LM tasks are scored by held-out loss: lower is better
+
 REFERENCE_ROWS = ("fixed", "peft-lora", "peft-adalora")
-LM_TASKS = ("gsm8k", "alpaca", "math")   # scored by held-out loss: lower is better
-TASK_ORDER = ("sst2", "cola", "rte", "mrpc", *LM_TASKS)
+TASK_ORDER = (*CLS_TASKS, *LM_TASKS)
 HEADERS = {"sst2": "SST-2 acc", "cola": "CoLA mcc", "rte": "RTE acc", "mrpc": "MRPC acc", "gsm8k": "GSM8K loss",
            "alpaca": "Alpaca loss", "math": "Math loss"}
 
