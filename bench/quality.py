@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:  # `python bench/quality.py` from a fresh clone, w
     sys.path.insert(0, str(ROOT))
 
 from bench.quality_report import print_report
-from bench.quality_tasks import ALL_TASKS, check_data_dir
+from bench.quality_tasks import ALL_TASKS, LM_TASKS, check_data_dir
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets"
 # --quick: SST-2, 100 steps of 16 x <= 64 tokens, 300 dev rows. At lr 1e-3 fixed-rank LoRA needs ~100 steps to
@@ -184,6 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     # seed-major order: if the time limit cuts the run short, whole seeds are complete for every method
     jobs = [{**base_job, "task": t, "method": m, "budget": k, "seed": s}
             for s in args.seeds for t in args.tasks for k in args.budgets for m in methods]
+    if device.startswith("cuda") and args.workers > 1 and any(t in LM_TASKS for t in args.tasks):
+        total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+        cap = lm_worker_cap(total, args.batch_size, max(args.max_length, 256))
+        if args.workers > cap:
+            print(f"# --workers {args.workers} lowered to {cap}: SmolLM2 rows of {args.batch_size} x "
+                  f"{max(args.max_length, 256)} tokens need ~{total / cap:.0f} GiB each on this {total:.0f} GiB GPU",
+                  flush=True)
+            args.workers = cap
     import peft
     import transformers
 
@@ -230,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# done in {time.time() - start:.0f}s; {out}", flush=True)
     print_report(rows, markdown=args.markdown)
     return 0
+
+
+def lm_worker_cap(total_gib: float, batch_size: int, max_length: int) -> int:
+    """Workers whose SmolLM2 rows fit in a GPU of total_gib: at 8 x 256 tokens a process peaked at 5.3-7.2 GiB
+    (H100, 2026-11-22; 14 workers ran out of 79 GiB, 9-10 fit); activations scale with batch x length."""
+    per_worker = 2.0 + 6.0 * max(1.0, batch_size * max_length / 2048)
+    return max(1, int(total_gib // per_worker))
 
 
 def _resolve_steps(args: argparse.Namespace, jobs: list, timings: list[float] | None, start: float) -> int:

@@ -102,3 +102,13 @@ def test_method_scale_variants_parse_and_refuse_the_rest():
     for bad in ("fixed@alpha=3", "peft-lora@scale=1"):
         with pytest.raises(ValueError, match="@scale=X"):
             split_variant(bad)
+
+
+def test_lm_workers_are_capped_by_gpu_memory():
+    sys.path.insert(0, str(ROOT))
+    from bench.quality import lm_worker_cap
+
+    assert lm_worker_cap(79.2, 8, 256) == 9, "14 workers ran out of an H100's memory, 9-10 fit"
+    assert lm_worker_cap(139.0, 8, 256) == 17
+    assert lm_worker_cap(79.2, 16, 256) == 5, "activations scale with batch x length"
+    assert lm_worker_cap(4.0, 8, 256) == 1
