@@ -43,9 +43,14 @@ def split_variant(method: str) -> tuple[str, float]:
     if not variant:
         return name, 2.0
     key, _, value = variant.partition("=")
-    if key != "scale" or name in PEFT_METHODS:
-        raise ValueError(f"method {method!r}: the only variant is <rankwise method>@scale=X, e.g. adalora@scale=1.333.")
-    return name, float(value)
+    try:
+        scale = float(value)
+    except ValueError:
+        scale = None
+    if key != "scale" or name in PEFT_METHODS or scale is None or scale <= 0:
+        raise ValueError(f"method {method!r}: the only variant is <rankwise method>@scale=X with X > 0, e.g. "
+                         "adalora@scale=1.333.")
+    return name, scale
 
 
 def init_rank(method: str, k: int) -> int:

@@ -99,7 +99,7 @@ def test_method_scale_variants_parse_and_refuse_the_rest():
     assert split_variant("adalora") == ("adalora", 2.0)
     assert split_variant("adalora@scale=1.333") == ("adalora", 1.333)
     assert init_rank("fixed@scale=3", 8) == 8 and init_rank("sora@scale=1.333", 8) == 12
-    for bad in ("fixed@alpha=3", "peft-lora@scale=1"):
+    for bad in ("fixed@alpha=3", "peft-lora@scale=1", "sora@scale=big", "fixed@scale=0"):
         with pytest.raises(ValueError, match="@scale=X"):
             split_variant(bad)
 
