@@ -9,7 +9,8 @@ its replays with CUDA events:
   - LoRA orders (EngineConfig.lora_order), forced skinny q/k/v/o GEMMs, decode attention launch shapes;
   - with --gemms: candidate skinny GEMMs (`kernels/triton_gemm.py`) against cuBLAS at the step's shapes;
   - a prefill step of PREFILL_T tokens (the serving benchmark's mean step is ~290) as a graph: no LoRA, one
-    adapter, four adapters; LoRA orders; its kernels from the profiler.
+    adapter, four adapters; LoRA orders, K split, the decode-tuned tiles, 32 / 64 tokens per LoRA block
+    (`PrefillRunner.lora_launch`, `block_t`); its kernels from the profiler.
 Writes decode_profile.json; prints a table last.
 """
 
@@ -156,21 +157,39 @@ def prefill_step_ms(engine: Engine, token_slots: list[int], sites, replays: int 
 
 
 def prefill_cases(engine: Engine, slots: list[int], qkvo) -> tuple[dict, dict]:
-    ctx, res = engine.batch.lora_ctx, {}
+    """Prefill graph times for LoRA orders and launch shapes (`PrefillRunner.lora_launch`, `block_t`)."""
+    from rankwise.serve.kernels.triton_lora import LoraLaunch, default_launch
+
+    ctx, runner, res = engine.batch.lora_ctx, engine.prefill, {}
+    layout, tuned = ctx["layout"], engine.batch.lora_launch
+    split = tuple(LoraLaunch(default_launch(layout.site_in[s], 1).split) for s in range(4))
+    tiles = tuple(LoraLaunch(1, t.shrink_block_r, t.expand_block_r, t.expand_block_n) for t in tuned)
+    both = tuple(LoraLaunch(a.split, t.shrink_block_r, t.expand_block_r, t.expand_block_n)
+                 for a, t in zip(split, tuned))
     one = [slots[0]] * PREFILL_T
     four = [slots[i * 4] for i in range(4) for _ in range(PREFILL_T // 4)]
-    cases = [("none", [-1] * PREFILL_T, None, "side"), ("1 adapter side", one, qkvo, "side"),
-             ("4 adapters side", four, qkvo, "side"), ("1 adapter gemm_first", one, qkvo, "gemm_first"),
-             ("1 adapter shrink_first", one, qkvo, "shrink_first"), ("4 adapters gemm_first", four, qkvo, "gemm_first")]
-    for name, ts, sites, order in cases:
-        ctx["order"] = order
+    block_t = runner.block_t
+    cases = [("none", [-1] * PREFILL_T, None, "side", None, block_t)]
+    for label, ts in (("1 adapter", one), ("4 adapters", four)):
+        cases += [(f"{label} side", ts, qkvo, "side", None, block_t),
+                  (f"{label} gemm_first", ts, qkvo, "gemm_first", None, block_t),
+                  (f"{label} shrink_first", ts, qkvo, "shrink_first", None, block_t),
+                  (f"{label} side, K split", ts, qkvo, "side", split, block_t),
+                  (f"{label} gemm_first, K split", ts, qkvo, "gemm_first", split, block_t),
+                  (f"{label} side, decode tiles", ts, qkvo, "side", tiles, block_t),
+                  (f"{label} side, K split + decode tiles", ts, qkvo, "side", both, block_t),
+                  (f"{label} side, block_t 32", ts, qkvo, "side", None, 32),
+                  (f"{label} side, block_t 64", ts, qkvo, "side", None, 64)]
+    for name, ts, sites, order, launch, bt in cases:
+        ctx["order"], runner.lora_launch, runner.block_t = order, launch, bt
         try:
             res[name] = prefill_step_ms(engine, ts, sites)
         except Exception as exc:
             res[name] = f"error {exc!r}"[:300]
         finally:
-            ctx["order"] = "side"
-        print(f"prefill {PREFILL_T} {name:<36} {res[name]}", flush=True)
+            ctx["order"], runner.lora_launch, runner.block_t = "side", None, block_t
+            runner.graphs.clear()
+        print(f"prefill {PREFILL_T} {name:<44} {res[name]}", flush=True)
     prof = {}
     try:
         from torch.profiler import ProfilerActivity, profile

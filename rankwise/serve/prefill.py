@@ -53,6 +53,10 @@ class PrefillRunner:
         self.hidden_last = torch.zeros((max_num_seqs, model.spec.hidden), dtype=model.dtype, device=dev)
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._graph_pool = graph_pool
+        # per site, a `triton_lora.LoraLaunch` for the Triton LoRA kernels of prefill steps; None: the defaults for
+        # the step's size. An experiment knob (bench/decode_profile.py compares shapes); graphs captured before a
+        # change keep the launch they were captured with, so clear `graphs` after setting it (block_t likewise)
+        self.lora_launch: tuple | None = None
 
     def num_blocks(self, T: int) -> int:
         return T // self.block_t + self.R
@@ -104,9 +108,13 @@ class PrefillRunner:
         lora = None
         if sites is not None:
             c = self.lora_ctx
-            y = lora_workspace(c["backend"], max(c["layout"].site_in), NB, T, 3 * c["max_lora_rank"], buf.device)
+            if self.lora_launch is None:
+                y = lora_workspace(c["backend"], max(c["layout"].site_in), NB, T, 3 * c["max_lora_rank"], buf.device)
+            else:  # room for the largest split of the override
+                y = torch.empty((max(x.split for x in self.lora_launch), T, 3 * c["max_lora_rank"]),
+                                dtype=torch.float32, device=buf.device)
             step = LoraStep(meta[T: 2 * T], blocks[0], blocks[1], blocks[2], y, self.block_t)
-            lora = LoraContext(step=step, sites=sites, **c)
+            lora = LoraContext(step=step, sites=sites, launch=self.lora_launch, **c)
         seq_start = meta[:T] if m.use_triton else None
         hidden = m.forward(ids, positions, self.kv, AttnBatch(slots, prefill_lens=lens, seq_start=seq_start), lora)
         self.hidden_last.copy_(hidden.index_select(0, last))

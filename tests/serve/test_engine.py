@@ -192,3 +192,17 @@ def test_broken_adapter_fails_only_its_request(adapter_dir, tmp_path):
     assert outs[0].finish_reason == "error" and "cannot be served" in outs[0].error
     assert outs[1].finish_reason == "length" and len(outs[1].output_ids) == 2
 
+
+
+def test_prefill_lora_launch_and_block_override_keep_outputs(adapter_dir, peft_reference):
+    # the prefill experiment knobs (bench/decode_profile.py): another K split, tiles and tokens per LoRA block
+    # change the order of float32 sums at most, never the greedy tokens
+    from rankwise.serve.kernels.triton_lora import LoraLaunch
+
+    prompts, expected = peft_reference
+    engine = _engine(adapter_dir, lora_backend="triton")
+    engine.prefill.lora_launch = (LoraLaunch(2, 32, 32, 64),) * 4
+    engine.prefill.block_t = 32
+    picks = [1, 2, 4, 0]
+    outs = engine.generate([Request(prompts[i], MIX[i], SamplingParams(max_tokens=3)) for i in picks])
+    assert [o.output_ids for o in outs] == [expected[i][:3] for i in picks]
