@@ -32,6 +32,7 @@ from bench.quality_report import print_report
 from bench.quality_tasks import ALL_TASKS, LM_TASKS, check_data_dir
 
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets"
+LM_MIN_LENGTH = 256  # LM rows get at least this many tokens whatever --max-length says (answers are long)
 # --quick: SST-2, 100 steps of 16 x <= 64 tokens, 300 dev rows. At lr 1e-3 fixed-rank LoRA needs ~100 steps to
 # leave chance here (60 steps: 52%), so this is about the smallest run whose numbers mean something.
 QUICK = {"tasks": ["sst2"], "budgets": [2], "seeds": [0], "steps": "100", "batch_size": 16, "max_length": 64,
@@ -117,7 +118,7 @@ def _task(name: str):
         if ("base", kind) not in _CTX:
             _CTX[("base", kind)] = load_base(kind, 2, s["minilm"], s["smollm"])
         tokenizer = _CTX[("base", kind)][1]
-        max_len = s["max_length"] if kind == "cls" else max(s["max_length"], 256)
+        max_len = s["max_length"] if kind == "cls" else max(s["max_length"], LM_MIN_LENGTH)
         _CTX[name] = load_task(name, Path(s["data_dir"]), tokenizer, max_len, s["train_samples"], s["eval_samples"])
     task = _CTX[name]
     model, _, pad = _CTX[("base", task.kind)]
@@ -173,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     bad = [m for m in methods if m.partition("@")[0] not in known]
     if bad:
         raise SystemExit(f"--methods {bad}: unknown; available: {sorted(known)}")
+    from bench.quality_methods import split_variant
+
+    for m in methods:  # a bad @scale variant stops the run here, not as an error row per job
+        try:
+            split_variant(m)
+        except ValueError as exc:
+            raise SystemExit(f"--methods: {exc}") from None
     out = Path(args.out or ROOT / "runs" / f"bench_quality_{time.strftime('%Y%m%d_%H%M%S')}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {"device": device, "threads": args.threads, "minilm": args.minilm, "smollm": args.smollm,
@@ -186,11 +194,11 @@ def main(argv: list[str] | None = None) -> int:
             for s in args.seeds for t in args.tasks for k in args.budgets for m in methods]
     if device.startswith("cuda") and args.workers > 1 and any(t in LM_TASKS for t in args.tasks):
         total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
-        cap = lm_worker_cap(total, args.batch_size, max(args.max_length, 256))
+        length = max(args.max_length, LM_MIN_LENGTH)
+        cap = lm_worker_cap(total, args.batch_size, length)
         if args.workers > cap:
-            print(f"# --workers {args.workers} lowered to {cap}: SmolLM2 rows of {args.batch_size} x "
-                  f"{max(args.max_length, 256)} tokens need ~{total / cap:.0f} GiB each on this {total:.0f} GiB GPU",
-                  flush=True)
+            print(f"# --workers {args.workers} lowered to {cap}: SmolLM2 rows of {args.batch_size} x {length} tokens "
+                  f"need ~{total / cap:.0f} GiB each on this {total:.0f} GiB GPU", flush=True)
             args.workers = cap
     import peft
     import transformers

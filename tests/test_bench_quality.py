@@ -112,3 +112,12 @@ def test_lm_workers_are_capped_by_gpu_memory():
     assert lm_worker_cap(139.0, 8, 256) == 17
     assert lm_worker_cap(79.2, 16, 256) == 5, "activations scale with batch x length"
     assert lm_worker_cap(4.0, 8, 256) == 1
+
+
+def test_bad_scale_variant_stops_the_run_before_any_row(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from bench.quality import main
+
+    with pytest.raises(SystemExit, match="@scale=X"):
+        main(["--quick", "--methods", "fixed@scale=big", "--out", str(tmp_path / "r.jsonl")])
+    assert not (tmp_path / "r.jsonl").exists()

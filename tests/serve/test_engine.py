@@ -193,7 +193,6 @@ def test_broken_adapter_fails_only_its_request(adapter_dir, tmp_path):
     assert outs[1].finish_reason == "length" and len(outs[1].output_ids) == 2
 
 
-
 def test_prefill_lora_launch_and_block_override_keep_outputs(adapter_dir, peft_reference):
     # the prefill experiment knobs (bench/decode_profile.py): another K split, tiles and tokens per LoRA block
     # change the order of float32 sums at most, never the greedy tokens
