@@ -273,12 +273,14 @@ def plan_blocks(token_slots: list[int], block_t: int, num_blocks: int | None = N
 
 
 def lora_workspace(backend: str, max_k: int, num_blocks: int, num_tokens: int, r_cap: int,
-                   device: torch.device, tuned: bool = False) -> torch.Tensor:
+                   device: torch.device, tuned: bool = False, launch: tuple | None = None) -> torch.Tensor:
     """The float32 y buffer (SPLIT, num_tokens, r_cap) of a step of `num_blocks` blocks: one slice for the reference,
     the Triton shrink's split-K partial sums otherwise (max_k: the widest site input; tuned: room for any split
-    `tune_launch` may pick)."""
+    `tune_launch` may pick; launch: per-site `LoraLaunch`es the step will run with, room for their largest split)."""
     splits = 1
-    if backend == "triton":
+    if launch is not None:
+        splits = max(x.split for x in launch)
+    elif backend == "triton":
         from rankwise.serve.kernels.triton_lora import max_split, split_k
 
         splits = max_split(max_k) if tuned else split_k(max_k, num_blocks)

@@ -108,11 +108,8 @@ class PrefillRunner:
         lora = None
         if sites is not None:
             c = self.lora_ctx
-            if self.lora_launch is None:
-                y = lora_workspace(c["backend"], max(c["layout"].site_in), NB, T, 3 * c["max_lora_rank"], buf.device)
-            else:  # room for the largest split of the override
-                y = torch.empty((max(x.split for x in self.lora_launch), T, 3 * c["max_lora_rank"]),
-                                dtype=torch.float32, device=buf.device)
+            y = lora_workspace(c["backend"], max(c["layout"].site_in), NB, T, 3 * c["max_lora_rank"], buf.device,
+                               launch=self.lora_launch)
             step = LoraStep(meta[T: 2 * T], blocks[0], blocks[1], blocks[2], y, self.block_t)
             lora = LoraContext(step=step, sites=sites, launch=self.lora_launch, **c)
         seq_start = meta[:T] if m.use_triton else None
