@@ -9,8 +9,8 @@ its replays with CUDA events:
   - LoRA orders (EngineConfig.lora_order), forced skinny q/k/v/o GEMMs, decode attention launch shapes;
   - with --gemms: candidate skinny GEMMs (`kernels/triton_gemm.py`) against cuBLAS at the step's shapes;
   - a prefill step of PREFILL_T tokens (the serving benchmark's mean step is ~290) as a graph: no LoRA, one
-    adapter, four adapters; LoRA orders, K split, the decode-tuned tiles, 32 / 64 tokens per LoRA block
-    (`PrefillRunner.lora_launch`, `block_t`); its kernels from the profiler.
+    adapter, four adapters; LoRA orders, K split, 32 tokens per LoRA block (`PrefillRunner.lora_launch`,
+    `block_t`); its kernels from the profiler.
 Writes decode_profile.json; prints a table last.
 """
 
@@ -51,6 +51,7 @@ def setup_rows(engine: Engine, slots: list[int]) -> None:
     b.tokens[:B] = torch.randint(0, 1000, (B,), device=b.tokens.device)
     order, st, en, sl = plan_blocks(slots, b.block_t, num_blocks=b.R)
     b.l_meta.copy_(torch.tensor([order, st, en, sl], dtype=torch.int32))
+    b.l_rows[:B] = torch.tensor(slots, dtype=torch.int32)
     b.any_lora = any(s >= 0 for s in slots)
     b.all_greedy = True
 
@@ -161,11 +162,8 @@ def prefill_cases(engine: Engine, slots: list[int], qkvo) -> tuple[dict, dict]:
     from rankwise.serve.kernels.triton_lora import LoraLaunch, default_launch
 
     ctx, runner, res = engine.batch.lora_ctx, engine.prefill, {}
-    layout, tuned = ctx["layout"], engine.batch.lora_launch
+    layout = ctx["layout"]
     split = tuple(LoraLaunch(default_launch(layout.site_in[s], 1).split) for s in range(4))
-    tiles = tuple(LoraLaunch(1, t.shrink_block_r, t.expand_block_r, t.expand_block_n) for t in tuned)
-    both = tuple(LoraLaunch(a.split, t.shrink_block_r, t.expand_block_r, t.expand_block_n)
-                 for a, t in zip(split, tuned))
     one = [slots[0]] * PREFILL_T
     four = [slots[i * 4] for i in range(4) for _ in range(PREFILL_T // 4)]
     block_t = runner.block_t
@@ -173,13 +171,9 @@ def prefill_cases(engine: Engine, slots: list[int], qkvo) -> tuple[dict, dict]:
     for label, ts in (("1 adapter", one), ("4 adapters", four)):
         cases += [(f"{label} side", ts, qkvo, "side", None, block_t),
                   (f"{label} gemm_first", ts, qkvo, "gemm_first", None, block_t),
-                  (f"{label} shrink_first", ts, qkvo, "shrink_first", None, block_t),
                   (f"{label} side, K split", ts, qkvo, "side", split, block_t),
                   (f"{label} gemm_first, K split", ts, qkvo, "gemm_first", split, block_t),
-                  (f"{label} side, decode tiles", ts, qkvo, "side", tiles, block_t),
-                  (f"{label} side, K split + decode tiles", ts, qkvo, "side", both, block_t),
-                  (f"{label} side, block_t 32", ts, qkvo, "side", None, 32),
-                  (f"{label} side, block_t 64", ts, qkvo, "side", None, 64)]
+                  (f"{label} side, block_t 32", ts, qkvo, "side", None, 32)]
     for name, ts, sites, order, launch, bt in cases:
         ctx["order"], runner.lora_launch, runner.block_t = order, launch, bt
         try:

@@ -38,9 +38,10 @@ class BatchState:
         self.top_p = torch.ones(R, dtype=torch.float32, device=dev)
         self.l_meta = torch.zeros((4, R), dtype=torch.int32, device=dev)   # tok_idx, blk_start, blk_end, blk_slot
         self.l_meta[3] = -1
+        self.l_rows = torch.full((R,), -1, dtype=torch.int32, device=dev)  # adapter slot per row (row-form kernels)
         self.l_y = None if lora_ctx is None else lora_workspace(lora_ctx["backend"], max(lora_ctx["layout"].site_in),
                                                                   R, R, r_cap, dev, tuned=True)
-        self.lora_launch: tuple | None = None  # per site, the LoraLaunch tuned for decode steps (Engine.warmup)
+        self.lora_launch: tuple | None = None  # per site, the RowLaunch tuned for decode steps (Engine.warmup)
         self.version = -1
         self.any_lora = False
         self.all_greedy = True
@@ -69,6 +70,7 @@ class BatchState:
         order, starts, ends, blk_slots = plan_blocks(slots, self.block_t, num_blocks=R)
         dev = self.l_meta.device
         self.l_meta.copy_(to_device(torch.tensor([order, starts, ends, blk_slots], dtype=torch.int32), dev))
+        self.l_rows.copy_(to_device(torch.tensor(slots, dtype=torch.int32), dev))
         self.active.copy_(to_device(torch.tensor(active), dev))
         self.temperature.copy_(to_device(torch.tensor(temp, dtype=torch.float32), dev))
         self.top_p.copy_(to_device(torch.tensor(top_p, dtype=torch.float32), dev))
@@ -101,8 +103,9 @@ class BatchState:
             attn = AttnBatch(slot_mapping, block_tables=tables, context_lens=context_lens)
         ctx = None
         if sites is not None:
+            rows = self.l_rows[:B] if self.lora_ctx["backend"] == "triton" else None  # row-form kernels
             step = LoraStep(self.l_meta[0, :B], self.l_meta[1, :B], self.l_meta[2, :B], self.l_meta[3, :B],
-                            self.l_y[:, :B], self.block_t)
+                            self.l_y[:, :B], self.block_t, rows)
             ctx = LoraContext(step=step, sites=sites, launch=self.lora_launch, **self.lora_ctx)
         hidden = self.model.forward(self.tokens[:B], pos, self.kv, attn, ctx)
         if not greedy:

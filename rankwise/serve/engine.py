@@ -394,12 +394,12 @@ class Engine:
         if self.device.type != "cuda":
             return
         if self.lora_backend == "triton":  # the decode steps' LoRA launch shapes, timed once per process
-            from rankwise.serve.kernels.triton_lora import tune_launch
+            from rankwise.serve.kernels.triton_lora_rows import tune_rows
 
             L = self.layout
             self.batch.lora_launch = tuple(
-                tune_launch(L.site_in[s], tuple(b - a for a, b in zip(L.part_cols[s], L.part_cols[s][1:])),
-                            self.config.max_num_seqs, self.config.max_lora_rank, self.dtype, self.device)
+                tune_rows(L.site_in[s], tuple(b - a for a, b in zip(L.part_cols[s], L.part_cols[s][1:])),
+                          self.config.max_num_seqs, self.config.max_lora_rank, self.dtype, self.device)
                 for s in range(4))
         self._tune_decode_gemms()
         self._warm_prefill()

@@ -245,6 +245,7 @@ class LoraStep:
     blk_slot: torch.Tensor   # (NB,) int32, -1: no adapter
     y: torch.Tensor          # (SPLIT, N, R_cap) float32 workspace (the Triton shrink's partial sums over K)
     block_t: int
+    row_slot: torch.Tensor | None = None  # (N,) int32 per row, a decode step: the Triton backend's row-form kernels
 
 
 def plan_blocks(token_slots: list[int], block_t: int, num_blocks: int | None = None
@@ -276,14 +277,16 @@ def lora_workspace(backend: str, max_k: int, num_blocks: int, num_tokens: int, r
                    device: torch.device, tuned: bool = False, launch: tuple | None = None) -> torch.Tensor:
     """The float32 y buffer (SPLIT, num_tokens, r_cap) of a step of `num_blocks` blocks: one slice for the reference,
     the Triton shrink's split-K partial sums otherwise (max_k: the widest site input; tuned: room for any split
-    `tune_launch` may pick; launch: per-site `LoraLaunch`es the step will run with, room for their largest split)."""
+    `tune_launch` or `tune_rows` may pick; launch: per-site `LoraLaunch`es the step will run with, room for their
+    largest split)."""
     splits = 1
     if launch is not None:
         splits = max(x.split for x in launch)
     elif backend == "triton":
         from rankwise.serve.kernels.triton_lora import max_split, split_k
+        from rankwise.serve.kernels.triton_lora_rows import max_row_split
 
-        splits = max_split(max_k) if tuned else split_k(max_k, num_blocks)
+        splits = max(max_split(max_k), max_row_split(max_k)) if tuned else split_k(max_k, num_blocks)
     return torch.empty((splits, num_tokens, r_cap), dtype=torch.float32, device=device)
 
 
@@ -309,10 +312,15 @@ def block_t_for(backend: str) -> int:
 def lora_shrink_site(site: int, layer: int, x: torch.Tensor, step: LoraStep, tables: LoraTables, pool: torch.Tensor,
                      layout: LoraLayout, max_lora_rank: int, backend: str, launch=None) -> None:
     """step.y = x @ A^T of every token's adapter at (layer, site). x: (T, in_site). launch: a tuned `LoraLaunch`
-    (Triton; None: the default for this step's size)."""
+    (Triton; None: the default for this step's size), or a `RowLaunch` for a step with `row_slot`."""
     blocks = (step.tok_idx, step.blk_start, step.blk_end, step.blk_slot)
     offA, rankA = tables.offA[layer, site], tables.rankA[layer, site]
-    if backend == "triton":
+    if backend == "triton" and step.row_slot is not None:
+        from rankwise.serve.kernels.triton_lora_rows import default_row_launch, lora_shrink_rows
+
+        lora_shrink_rows(x, pool, step.y, step.row_slot, offA, rankA, max_rank=layout.max_site_rank(site, max_lora_rank),
+                         launch=launch or default_row_launch(x.shape[1]))
+    elif backend == "triton":
         from rankwise.serve.kernels.triton_lora import default_launch, lora_shrink
 
         launch = launch or default_launch(x.shape[1], step.blk_slot.shape[0])
@@ -330,7 +338,12 @@ def lora_expand_site(site: int, layer: int, x: torch.Tensor, out: torch.Tensor, 
     offB, rankB = tables.offB[layer, site, :P], tables.rankB[layer, site, :P]
     r0, scale, offG = tables.r0[layer, site, :P], tables.scale[layer, site, :P], tables.offG[layer, site, :P]
     blocks = (step.tok_idx, step.blk_start, step.blk_end, step.blk_slot)
-    if backend == "triton":
+    if backend == "triton" and step.row_slot is not None:
+        from rankwise.serve.kernels.triton_lora_rows import default_row_launch, lora_expand_rows
+
+        lora_expand_rows(step.y, out, pool, step.row_slot, cols, offB, rankB, r0, scale, offG,
+                         launch=launch or default_row_launch(x.shape[1]))
+    elif backend == "triton":
         from rankwise.serve.kernels.triton_lora import default_launch, lora_expand
 
         launch = launch or default_launch(x.shape[1], step.blk_slot.shape[0])
