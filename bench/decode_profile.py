@@ -161,7 +161,8 @@ def prefill_cases(engine: Engine, slots: list[int], qkvo) -> tuple[dict, dict]:
     """Prefill graph times for LoRA orders and launch shapes (`PrefillRunner.lora_launch`, `block_t`)."""
     from rankwise.serve.kernels.triton_lora import LoraLaunch, default_launch
 
-    ctx, runner, res = engine.batch.lora_ctx, engine.prefill, {}
+    runner, res = engine.prefill, {}
+    ctx = runner.lora_ctx
     layout = ctx["layout"]
     split = tuple(LoraLaunch(default_launch(layout.site_in[s], 1).split) for s in range(4))
     one = [slots[0]] * PREFILL_T

@@ -366,7 +366,7 @@ def main() -> None:
     res["decode_lora_launch"] = [vars(x) for x in launch] if launch else None  # tuned per site (qkv, o, gate_up, down)
     res["prefill_graphs"] = len(engine.prefill.graphs)
     res["decode_gemm"] = {k: vars(v) for k, v in engine.model.decode_gemm.items()}  # skinny Triton GEMMs chosen
-    res["lora_order"] = engine._lora_common["order"]
+    res["lora_order"] = {"decode": engine.batch.lora_ctx["order"], "prefill": engine.prefill.lora_ctx["order"]}
     print("warmup", {k: res[k] for k in ("graph_capture_s", "decode_lora_launch", "prefill_graphs")}, flush=True)
     t = time.perf_counter()
     engine.preload(qkvo + all7)  # all adapters in host memory, as in S-LoRA's setup

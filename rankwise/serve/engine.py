@@ -141,7 +141,8 @@ class Engine:
                                  max_lora_rank=config.max_lora_rank, backend=lora_backend, stream=side,
                                  order=order if side is not None or order != "side" else "shrink_first")
         use_graphs = cuda and config.cuda_graphs and attn_backend == "triton" and lora_backend == "triton"
-        self.batch = BatchState(self.model, self.kv, self._lora_common, config.max_num_seqs,
+        decode_ctx = dict(self._lora_common, order="shrink_first") if config.lora_order == "auto" else self._lora_common
+        self.batch = BatchState(self.model, self.kv, decode_ctx, config.max_num_seqs,
                                 blocks_needed(config.max_model_len, bs), self.block_t, self.r_cap, use_graphs)
         self.prefill_multiple = config.prefill_token_multiple or (64 if cuda else 1)
         self.prefill = PrefillRunner(self.model, self.kv, self._lora_common, config.max_num_seqs,
