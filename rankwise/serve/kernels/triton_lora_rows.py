@@ -298,7 +298,6 @@ def tune_rows(K: int, part_widths: tuple[int, ...], rows: int, max_lora_rank: in
     if timed:
         best = min(timed, key=lambda tc: tc[0])[1]
     _TUNED[key] = best
-    del pool
     return best
 
 
