@@ -110,8 +110,12 @@ def test_lora_launch_shapes_match_reference_interpreter(launch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_attention_matches_reference_interpreter(dtype):
+@pytest.mark.parametrize("block_n", [None, 32])
+def test_paged_attention_matches_reference_interpreter(dtype, block_n, monkeypatch):
+    from rankwise.serve.kernels import triton_attention
     from rankwise.serve.kernels.triton_attention import paged_decode_attention
+
+    monkeypatch.setitem(triton_attention.DECODE_LAUNCH, "block_n", block_n)
 
     g = torch.Generator().manual_seed(0)
     B, H, Hkv, D, bs, NB = 4, 8, 2, 16, 4, 100
@@ -157,8 +161,13 @@ def _rope_decode_case(device, dtype, B, H, Hkv, D, bs, NB, max_ctx, seed=0):
     return out, ref, (kc, vc), (k_cache, v_cache)
 
 
+@pytest.mark.parametrize("block_n", [None, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_with_rope_matches_reference_interpreter(dtype):
+def test_decode_attention_with_rope_matches_reference_interpreter(dtype, block_n, monkeypatch):
+    # block_n None: every context fits the first tile (loaded before the PDL wait); 16: the loop over later tiles
+    from rankwise.serve.kernels import triton_attention
+
+    monkeypatch.setitem(triton_attention.DECODE_LAUNCH, "block_n", block_n)
     out, ref, (kc, vc), (k_ref, v_ref) = _rope_decode_case("cpu", dtype, B=4, H=8, Hkv=2, D=16, bs=4, NB=100,
                                                            max_ctx=90)
     tol = 1e-5 if dtype == torch.float32 else 3e-2

@@ -52,6 +52,19 @@ def _mm(a, b, IEEE: tl.constexpr, UP: tl.constexpr):
 
 
 @triton.jit
+def _kv_tile(k_ptr, v_ptr, bt_ptr, b, kvh, n0, n_cached, offs_d, stride_btb, stride_kb, stride_kt, stride_kh,
+             BS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keys and values n0 .. n0 + BLOCK_N of row b's cache (zeros from n_cached on), through its block table."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_cached
+    blk = tl.load(bt_ptr + b * stride_btb + offs_n // BS, mask=mask_n, other=0).to(tl.int64)
+    kv_off = blk * stride_kb + (offs_n % BS) * stride_kt + kvh * stride_kh                         # (BLOCK_N,)
+    k = tl.load(k_ptr + kv_off[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)      # (BLOCK_N, D)
+    v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)      # (BLOCK_N, D)
+    return k, v, mask_n
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr,        # (B, H, D) queries; with ROPE the fused (B, (H + 2 H_kv) D) qkv rows before rotary
     k_ptr,        # (num_blocks, block_size, H_kv, D)
@@ -87,7 +100,12 @@ def _paged_decode_kernel(
         c_off = tl.where(active, new_blk, 0) * stride_kb + (pos % BS) * stride_kt + kvh * stride_kh
         cos = tl.load(cos_ptr + pos * stride_cos + offs_d).to(tl.float32)[None, :]
         sin = tl.load(sin_ptr + pos * stride_cos + offs_d).to(tl.float32)[None, :]
-        if PDL:  # positions, block tables and rotary tables are not written by the step's earlier kernels
+        n_cached = n_ctx - 1  # the new token is the row's last; it is added from registers below
+        # the first BLOCK_N cached keys and values were written by earlier steps, never by this one (its new key goes
+        # to position pos, past them): with PDL they load while the kernel before this one finishes
+        k0, v0, mask_n0 = _kv_tile(k_ptr, v_ptr, bt_ptr, b, kvh, 0, n_cached, offs_d, stride_btb, stride_kb,
+                                   stride_kt, stride_kh, BS, BLOCK_N)
+        if PDL:  # positions, block tables, rotary tables and cached keys are not written by the step's earlier kernels
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         row = q_ptr + b * stride_qb
@@ -99,7 +117,6 @@ def _paged_decode_kernel(
         v_new = tl.load(row + (H + HKV + kvh) * D + offs_d)[None, :]                              # (1, D)
         tl.store(k_ptr + c_off + offs_d[None, :], k_new)
         tl.store(v_ptr + c_off + offs_d[None, :], v_new)
-        n_cached = n_ctx - 1  # the new token is the row's last; it is added from registers below
     else:
         if PDL:
             tl.extra.cuda.gdc_wait()
@@ -108,16 +125,19 @@ def _paged_decode_kernel(
                     mask=mask_g[:, None], other=0.0)                                            # (BLOCK_G, D)
         n_ctx = tl.load(ctx_ptr + b)
         n_cached = n_ctx
-    m = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
-    l = tl.zeros((BLOCK_G,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_G, D), dtype=tl.float32)
-    for n0 in range(0, n_cached, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < n_cached
-        blk = tl.load(bt_ptr + b * stride_btb + offs_n // BS, mask=mask_n, other=0).to(tl.int64)
-        kv_off = blk * stride_kb + (offs_n % BS) * stride_kt + kvh * stride_kh                     # (BLOCK_N,)
-        k = tl.load(k_ptr + kv_off[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)  # (BLOCK_N, D)
-        v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)  # (BLOCK_N, D)
+        k0, v0, mask_n0 = _kv_tile(k_ptr, v_ptr, bt_ptr, b, kvh, 0, n_cached, offs_d, stride_btb, stride_kb,
+                                   stride_kt, stride_kh, BS, BLOCK_N)
+    # the first tile (loaded above), then the rest of the cached keys BLOCK_N at a time
+    s = _mm(q, tl.trans(k0), IEEE, UP) * scale                                                 # (BLOCK_G, BLOCK_N)
+    s = tl.where(mask_n0[None, :], s, float("-inf"))
+    m = tl.max(s, 1)
+    m_safe0 = tl.where(m == float("-inf"), 0.0, m)  # no cached key at all (a row's first token, an idle row)
+    p = tl.exp(s - m_safe0[:, None])
+    l = tl.sum(p, 1)
+    acc = _mm(p.to(v0.dtype), v0, IEEE, UP)                                                     # (BLOCK_G, D)
+    for n0 in range(BLOCK_N, n_cached, BLOCK_N):
+        k, v, mask_n = _kv_tile(k_ptr, v_ptr, bt_ptr, b, kvh, n0, n_cached, offs_d, stride_btb, stride_kb,
+                                stride_kt, stride_kh, BS, BLOCK_N)
         s = _mm(q, tl.trans(k), IEEE, UP) * scale                                           # (BLOCK_G, BLOCK_N)
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
