@@ -205,7 +205,7 @@ def serve_main() -> None:
         rows.append({"kernel": kernel, "case": case, "config": config, "us": 1e3 * t})
         print(f"{kernel:<34} {case:<26} {config:<34} {1e3 * t:>9.1f} us", flush=True)
 
-    # LoRA at one site over the launch shapes `tune_launch` chooses among: decode (32 rows of 32 distinct adapters,
+    # LoRA at one site over segmented-kernel launch shapes: decode (32 rows of 32 distinct adapters,
     # or of 1 adapter) and prefill (one adapter per prompt, the engine's padded block count)
     shapes = [tlora.LoraLaunch(8), tlora.LoraLaunch(8, 32), tlora.LoraLaunch(16), tlora.LoraLaunch(4),
               tlora.LoraLaunch(8, 16, 64, 128), tlora.LoraLaunch(8, 16, 32, 256), tlora.LoraLaunch(1)]

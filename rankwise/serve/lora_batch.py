@@ -276,17 +276,17 @@ def plan_blocks(token_slots: list[int], block_t: int, num_blocks: int | None = N
 def lora_workspace(backend: str, max_k: int, num_blocks: int, num_tokens: int, r_cap: int,
                    device: torch.device, tuned: bool = False, launch: tuple | None = None) -> torch.Tensor:
     """The float32 y buffer (SPLIT, num_tokens, r_cap) of a step of `num_blocks` blocks: one slice for the reference,
-    the Triton shrink's split-K partial sums otherwise (max_k: the widest site input; tuned: room for any split
-    `tune_launch` or `tune_rows` may pick; launch: per-site `LoraLaunch`es the step will run with, room for their
+    the Triton shrink's split-K partial sums otherwise (max_k: the widest site input; tuned: a decode step's, room
+    for any split `tune_rows` may pick; launch: per-site `LoraLaunch`es the step will run with, room for their
     largest split)."""
     splits = 1
     if launch is not None:
         splits = max(x.split for x in launch)
     elif backend == "triton":
-        from rankwise.serve.kernels.triton_lora import max_split, split_k
+        from rankwise.serve.kernels.triton_lora import split_k
         from rankwise.serve.kernels.triton_lora_rows import max_row_split
 
-        splits = max(max_split(max_k), max_row_split(max_k)) if tuned else split_k(max_k, num_blocks)
+        splits = max_row_split(max_k) if tuned else split_k(max_k, num_blocks)
     return torch.empty((splits, num_tokens, r_cap), dtype=torch.float32, device=device)
 
 

@@ -98,7 +98,7 @@ def test_lora_kernels_match_reference_interpreter(dtype, split):
 
 @pytest.mark.parametrize("launch", [(2, 32, 64, 16), (4, 16, 32, 32), (1, 16, 16, 16)])
 def test_lora_launch_shapes_match_reference_interpreter(launch):
-    # the launch shapes tune_launch chooses among (split, shrink rank tile, expand rank and column tiles)
+    # launch shapes (split, shrink rank tile, expand rank and column tiles) other than the default
     from rankwise.serve.kernels.triton_lora import LoraLaunch
 
     ranks = [[4, 2, 0], [16, 8, 8], [1, 0, 3], [0, 0, 0]]

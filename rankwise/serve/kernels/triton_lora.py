@@ -2,23 +2,21 @@
 
 The math and the layout are specified by `lora_shrink_ref` / `lora_expand_ref` in `reference.py`, which these
 kernels must match (tests/serve/test_triton_kernels.py). Tokens come grouped by adapter; each program handles one
-block of up to BLOCK_T tokens that share an adapter (a segment of a prefill, or the decode rows of one adapter),
+block of up to BLOCK_T tokens that share an adapter (a segment of a prompt in a prefill step),
 so an adapter's A and B are read once per block, never once per token, and each adapter reads exactly its own
 R_s rows. The shrink's reduction over K is split over SPLIT programs per block (partial sums in y[s], added by the
-expand in a fixed order), which keeps many loads in flight when a decode step has few blocks; programs whose rank
+expand in a fixed order), which keeps many loads in flight when a step has few blocks; programs whose rank
 tile lies past R_s return at once (the grid is sized by the largest rank so that a CUDA graph can replay it for
 any mix of adapters, as S-LoRA's kernels do, but no memory is padded or read).
 
-A decode step's LoRA work is a few microseconds per site, so the launch shape (`LoraLaunch`: split, rank and column
-tiles) decides its cost; `tune_launch` times a few shapes once per process on synthetic adapters of the model's
-sizes and the engine captures its decode graphs with the fastest. (A single fused shrink-expand kernel, each
-column program recomputing its part's y, measured slower than both passes at every shape tried on an H100:
-docs/BENCHMARKS.md, Serving.)
+Decode steps (one token per row) use the row-form kernels of `triton_lora_rows.py` instead, which were faster there
+at every launch shape (bench/lora_decode_variants.py). (A single fused shrink-expand kernel, each column program
+recomputing its part's y, measured slower than both passes at every shape tried on an H100: docs/BENCHMARKS.md,
+Serving.)
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 from dataclasses import dataclass
 
@@ -27,7 +25,6 @@ import triton
 import triton.language as tl
 
 from rankwise.serve.kernels import pdl
-from rankwise.serve.kernels.graph_timing import graph_us
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1, used by the CI parity tests) multiplies bf16 tiles wrongly in
 # tl.dot; there the operands are widened to float32 first (exact: bf16 values are exact in fp32).
@@ -295,69 +292,10 @@ def default_launch(K: int, num_blocks: int) -> LoraLaunch:
     return LoraLaunch(split_k(K, num_blocks))
 
 
-def max_split(K: int) -> int:
-    """The largest split `tune_launch` tries for input K: a tuned step's y workspace needs this many slices."""
-    return 2 * max(1, triton.cdiv(K, K_PER))
-
-
-_TUNED: dict[tuple, LoraLaunch] = {}
-
-
 def _candidates(K: int) -> tuple[list[LoraLaunch], list[tuple[int, int]]]:
-    """Shrink shapes (split, rank tile) and expand tiles (rank, columns) tried by `tune_launch`; the first of each
-    is the default."""
+    """Shrink shapes (split, rank tile) and expand tiles (rank, columns) that bench/lora_decode_variants.py times
+    for these kernels on decode steps; the first of each is the default."""
     s = max(1, triton.cdiv(K, K_PER))
     shrinks = [LoraLaunch(s), LoraLaunch(s, 32), LoraLaunch(2 * s), LoraLaunch(max(1, s // 2)), LoraLaunch(2 * s, 32),
                LoraLaunch(s, 64)]
     return shrinks, [(16, 128), (64, 128), (32, 256), (32, 128), (64, 256), (16, 64)]
-
-
-def tune_launch(K: int, part_widths: tuple[int, ...], num_blocks: int, max_lora_rank: int, dtype: torch.dtype,
-                device: torch.device) -> LoraLaunch:
-    """The fastest `LoraLaunch` for a site of input K and these output parts, in a step of `num_blocks` blocks of
-    one token (a decode step of that many rows, each with its own adapter, ranks cycling 8 to max_lora_rank), timed
-    once per process (later engines of the same shapes reuse it, so their results agree bit for bit)."""
-    key = (torch.cuda.get_device_name(device), dtype, K, part_widths, num_blocks, max_lora_rank)
-    if key in _TUNED:
-        return _TUNED[key]
-    P, S = len(part_widths), num_blocks
-    ranks = [min(max_lora_rank, 8 << (s % 4)) for s in range(S)]
-    offA, offB, rankB, r0, cursor = [], [[0] * S for _ in range(P)], [[0] * S for _ in range(P)], \
-        [[0] * S for _ in range(P)], 0
-    for s, r in enumerate(ranks):
-        offA.append(cursor)
-        cursor += P * r * K
-        for p, w in enumerate(part_widths):
-            offB[p][s], rankB[p][s], r0[p][s] = cursor, r, p * r
-            cursor += r * w
-    i64 = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
-    pool = (torch.randn(cursor, device=device) * 0.02).to(dtype)
-    offA_t, rankA_t, offB_t, rankB_t, r0_t = i64(offA), i64([P * r for r in ranks]), i64(offB), i64(rankB), i64(r0)
-    scale, offG = torch.ones(P, S, device=device), i64([[-1] * S] * P)
-    meta = [torch.arange(S, dtype=torch.int32, device=device), torch.arange(S, dtype=torch.int32, device=device),
-            torch.arange(1, S + 1, dtype=torch.int32, device=device), torch.arange(S, dtype=torch.int32, device=device)]
-    x = torch.randn(S, K, device=device).to(dtype)
-    out = torch.zeros(S, sum(part_widths), device=device, dtype=dtype)
-    cols = (0, *itertools.accumulate(part_widths))
-    y = torch.zeros(max_split(K), S, P * max_lora_rank, device=device)
-    shrinks, expands = _candidates(K)
-    timed = []
-    for c in shrinks:
-        try:
-            timed.append((graph_us(lambda: lora_shrink(x, pool, y, *meta, offA_t, rankA_t, max_rank=P * max_lora_rank,
-                                                        split=c.split, block_r=c.shrink_block_r)), c))
-        except Exception:  # a shape that does not compile or launch on this GPU is not a candidate
-            continue
-    best = min(timed, key=lambda tc: tc[0])[1] if timed else default_launch(K, num_blocks)
-    timed = []
-    for br, bn in expands:
-        c = LoraLaunch(best.split, best.shrink_block_r, br, bn)
-        try:
-            timed.append((graph_us(lambda: lora_expand(y, out, pool, *meta, cols, offB_t, rankB_t, r0_t, scale, offG,
-                                                        split=c.split, block_r=br, block_n=bn)), c))
-        except Exception:
-            continue
-    if timed:
-        best = min(timed, key=lambda tc: tc[0])[1]
-    _TUNED[key] = best
-    return best
