@@ -174,13 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     bad = [m for m in methods if m.partition("@")[0] not in known]
     if bad:
         raise SystemExit(f"--methods {bad}: unknown; available: {sorted(known)}")
-    from bench.quality_methods import split_variant
+    from bench.quality_methods import profile_of, split_variant
 
-    for m in methods:  # a bad @scale variant stops the run here, not as an error row per job
+    for m in methods:  # a bad variant stops the run here, not as an error row per job
         try:
             split_variant(m)
         except ValueError as exc:
             raise SystemExit(f"--methods: {exc}") from None
+        if profile_of(m) is not None and profile_of(m) not in known:
+            raise SystemExit(f"--methods {m!r}: {profile_of(m)!r} is not an allocator; available: {sorted(known)}")
     out = Path(args.out or ROOT / "runs" / f"bench_quality_{time.strftime('%Y%m%d_%H%M%S')}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {"device": device, "threads": args.threads, "minilm": args.minilm, "smollm": args.smollm,

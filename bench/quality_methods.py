@@ -10,6 +10,11 @@ Methods:
                    rate of the update, which grows with the injected rank at a fixed scale (adaptive methods
                    start at 1.5x the rank), e.g. adalora@scale=1.333 (alpha = 2 k, the budget's rank) or
                    fixed@scale=3 (fixed rank with adaptive's 1.5x).
+    fixed@profile=M  static ranks, never changed, shaped as allocator M left them at the end of its seed-0 run on
+                   the same task and budget (mean rank per module kind, from PROFILE_SOURCE), rounded to integers
+                   within the budget; alpha = 2 r per module (scale 2). Separates the allocation from the dynamics:
+                   if this row beats fixed, the shape M found has value; if M's own row does not, the way M gets
+                   there costs more than the shape gives.
     peft-adalora   peft.AdaLoraConfig(init_r=r0, target_r=k, lora_alpha=2 r0, so s = alpha / init_r = 2 as for
                    the others, not PEFT's default 8 / 12), t_init 10%, t_final 20%, deltaT 10 (rankwise
                    AdaLoRA's defaults), orth_reg_weight PEFT's default 0.5; `update_and_allocate(step)` is called
@@ -37,20 +42,65 @@ PEFT_METHODS = ("peft-lora", "peft-adalora")
 CALIBRATION_BATCHES = 8  # as rankwise.train.runner
 
 
+PROFILE_SOURCE = "bench/results/quality_2026-11-22c/h100_lm_all_merged.jsonl"  # fixed@profile=M reads M's rows here
+
+
 def split_variant(method: str) -> tuple[str, float]:
-    """"adalora@scale=1.333" -> ("adalora", 1.333); a plain name -> (name, 2.0), the CLI's scale."""
+    """"adalora@scale=1.333" -> ("adalora", 1.333); a plain name or fixed@profile=M -> (name, 2.0), the CLI's
+    scale."""
     name, _, variant = method.partition("@")
     if not variant:
         return name, 2.0
     key, _, value = variant.partition("=")
+    if key == "profile" and name == "fixed" and value and value not in PEFT_METHODS and value != "fixed":
+        return name, 2.0
     try:
         scale = float(value)
     except ValueError:
         scale = None
     if key != "scale" or name in PEFT_METHODS or scale is None or scale <= 0:
-        raise ValueError(f"method {method!r}: the only variant is <rankwise method>@scale=X with X > 0, e.g. "
-                         "adalora@scale=1.333.")
+        raise ValueError(f"method {method!r}: the variants are <rankwise method>@scale=X with X > 0 (e.g. "
+                         "adalora@scale=1.333) and fixed@profile=<adaptive allocator> (e.g. fixed@profile=sora).")
     return name, scale
+
+
+def profile_of(method: str) -> str | None:
+    """"fixed@profile=sora" -> "sora"; None for every other method."""
+    name, _, variant = method.partition("@")
+    key, _, value = variant.partition("=")
+    return value if name == "fixed" and key == "profile" else None
+
+
+def recorded_profile(allocator: str, task: str, budget: int, source: str = PROFILE_SOURCE) -> dict[str, float]:
+    """Mean rank per module kind that `allocator` ended with in its seed-0 row of `task` at `budget` in `source`."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / source
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if (row.get("method"), row.get("task"), row.get("budget"), row.get("seed")) == (allocator, task, budget, 0) \
+                    and row.get("ranks"):
+                return row["ranks"]
+    raise ValueError(f"fixed@profile={allocator}: no seed-0 row of {allocator} on {task} at budget r{budget} with "
+                     f"recorded ranks in {source}; run that row first (bench/quality.py writes `ranks`) and point "
+                     "PROFILE_SOURCE at its file.")
+
+
+def static_ranks(profile: dict[str, float], costs: dict[str, int], budget_params: int) -> dict[str, int]:
+    """Integer rank per module kind near `profile` whose parameters fit the budget: costs[kind] = sum of in + out
+    over that kind's modules. Rounds down, then adds one rank at a time to the kinds with the largest remainder
+    that still fit."""
+    ranks = {kind: int(profile.get(kind, 0.0)) for kind in costs}
+    left = budget_params - sum(ranks[k] * costs[k] for k in costs)
+    if left < 0:
+        raise ValueError(f"profile {profile} needs {budget_params - left} parameters, over the budget {budget_params}.")
+    for kind in sorted(costs, key=lambda k: profile.get(k, 0.0) - ranks[k], reverse=True):
+        if costs[kind] <= left and profile.get(kind, 0.0) > ranks[kind]:
+            ranks[kind] += 1
+            left -= costs[kind]
+    return ranks
 
 
 def init_rank(method: str, k: int) -> int:
@@ -144,6 +194,20 @@ def setup_rankwise(method: str, model: nn.Module, task: Task, k: int, budget_par
 
     targets = MINILM_TARGETS if task.kind == "cls" else SMOLLM_TARGETS
     r0 = init_rank(method, k)
+    profile = profile_of(method)
+    if profile is not None:  # static ranks in the shape `profile` found; no allocator
+        import re
+
+        kinds: dict[str, int] = {}
+        for name, cost in module_costs(model, targets).items():
+            kind = re.sub(r"^.*?\.\d+\.", "", name)
+            kinds[kind] = kinds.get(kind, 0) + cost
+        ranks = static_ranks(recorded_profile(profile, task.name, k), kinds, budget_params)
+        rankwise.inject(model, rankwise.LoraConfig(
+            r=k, alpha=2.0 * k, target_modules=targets, modules_to_save=modules_to_save,
+            rank_pattern={kind: r for kind, r in ranks.items()},
+            alpha_pattern={kind: 2.0 * max(r, 1) for kind, r in ranks.items()}))
+        return None, lambda: rankwise.adapter_param_count(model)
     method, scale = split_variant(method)
     rankwise.inject(model, rankwise.LoraConfig(r=r0, alpha=scale * r0, target_modules=targets,
                                                modules_to_save=modules_to_save))

@@ -99,9 +99,29 @@ def test_method_scale_variants_parse_and_refuse_the_rest():
     assert split_variant("adalora") == ("adalora", 2.0)
     assert split_variant("adalora@scale=1.333") == ("adalora", 1.333)
     assert init_rank("fixed@scale=3", 8) == 8 and init_rank("sora@scale=1.333", 8) == 12
-    for bad in ("fixed@alpha=3", "peft-lora@scale=1", "sora@scale=big", "fixed@scale=0"):
+    for bad in ("fixed@alpha=3", "peft-lora@scale=1", "sora@scale=big", "fixed@scale=0", "sora@profile=adalora",
+                "fixed@profile=fixed", "fixed@profile="):
         with pytest.raises(ValueError, match="@scale=X"):
             split_variant(bad)
+
+
+def test_profile_variant_keeps_the_shape_within_the_budget():
+    sys.path.insert(0, str(ROOT))
+    from bench.quality_methods import profile_of, recorded_profile, split_variant, static_ranks
+
+    assert split_variant("fixed@profile=sora") == ("fixed", 2.0) and profile_of("fixed@profile=sora") == "sora"
+    assert profile_of("fixed") is None and profile_of("sora@scale=2") is None
+    costs = {"q": 100, "k": 60, "down": 300}  # in + out summed over the kind's modules
+    budget = 2 * sum(costs.values())  # uniform rank 2
+    ranks = static_ranks({"q": 3.6, "k": 1.2, "down": 1.1}, costs, budget)
+    assert sum(ranks[k] * costs[k] for k in costs) <= budget
+    assert ranks == {"q": 4, "k": 2, "down": 1}, "floors (3, 1, 1), then the largest remainders that still fit"
+    with pytest.raises(ValueError, match="over the budget"):
+        static_ranks({"q": 9.0}, costs, budget)
+    prof = recorded_profile("sora", "gsm8k", 8)  # the recorded run this variant reads (bench/results)
+    assert set(prof) == {f"self_attn.{p}_proj" for p in "qkvo"} | {f"mlp.{p}_proj" for p in ("gate", "up", "down")}
+    with pytest.raises(ValueError, match="no seed-0 row of sora on sst2 at budget r3"):
+        recorded_profile("sora", "sst2", 3)
 
 
 def test_lm_workers_are_capped_by_gpu_memory():
