@@ -117,7 +117,7 @@ def test_profile_variant_keeps_the_shape_within_the_budget():
     assert sum(ranks[k] * costs[k] for k in costs) <= budget
     assert ranks == {"q": 4, "k": 2, "down": 1}, "floors (3, 1, 1), then the largest remainders that still fit"
     with pytest.raises(ValueError, match="over the budget"):
-        static_ranks({"q": 9.0}, costs, budget)
+        static_ranks({"q": 10.0}, costs, budget)  # 10 x 100 = 1,000 > 920
     prof = recorded_profile("sora", "gsm8k", 8)  # the recorded run this variant reads (bench/results)
     assert set(prof) == {f"self_attn.{p}_proj" for p in "qkvo"} | {f"mlp.{p}_proj" for p in ("gate", "up", "down")}
     with pytest.raises(ValueError, match="no seed-0 row of sora on sst2 at budget r3"):
