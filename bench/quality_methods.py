@@ -15,6 +15,8 @@ Methods:
                    within the budget; alpha = 2 r per module (scale 2). Separates the allocation from the dynamics:
                    if this row beats fixed, the shape M found has value; if M's own row does not, the way M gets
                    there costs more than the shape gives.
+    <m>@<option>=<value>  a rankwise allocator with one of its config's options set (value read as JSON), e.g.
+                   sora@match_update=true; several variants chain: sora@match_update=true@final_steps=120.
     peft-adalora   peft.AdaLoraConfig(init_r=r0, target_r=k, lora_alpha=2 r0, so s = alpha / init_r = 2 as for
                    the others, not PEFT's default 8 / 12), t_init 10%, t_final 20%, deltaT 10 (rankwise
                    AdaLoRA's defaults), orth_reg_weight PEFT's default 0.5; `update_and_allocate(step)` is called
@@ -45,30 +47,74 @@ CALIBRATION_BATCHES = 8  # as rankwise.train.runner
 PROFILE_SOURCE = "bench/results/quality_2026-11-22c/h100_lm_all_merged.jsonl"  # fixed@profile=M reads M's rows here
 
 
+def _variants(method: str) -> tuple[str, dict[str, str]]:
+    """"sora@scale=2@match_update=true" -> ("sora", {"scale": "2", "match_update": "true"})."""
+    name, *parts = method.split("@")
+    variants = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if not key or not eq or not value or key in variants:
+            raise ValueError(f"method {method!r}: {VARIANT_HELP}")
+        variants[key] = value
+    return name, variants
+
+
+VARIANT_HELP = ("the variants are <rankwise method>@scale=X with X > 0 (e.g. adalora@scale=1.333), "
+                "fixed@profile=<adaptive allocator> (e.g. fixed@profile=sora) and <allocator>@<option>=<value> for "
+                "an option of the allocator's config (e.g. sora@match_update=true, sora@final_steps=120).")
+
+
 def split_variant(method: str) -> tuple[str, float]:
-    """"adalora@scale=1.333" -> ("adalora", 1.333); a plain name or fixed@profile=M -> (name, 2.0), the CLI's
-    scale."""
-    name, _, variant = method.partition("@")
-    if not variant:
-        return name, 2.0
-    key, _, value = variant.partition("=")
-    if key == "profile" and name == "fixed" and value and value not in PEFT_METHODS and value != "fixed":
-        return name, 2.0
-    try:
-        scale = float(value)
-    except ValueError:
-        scale = None
-    if key != "scale" or name in PEFT_METHODS or scale is None or scale <= 0:
-        raise ValueError(f"method {method!r}: the variants are <rankwise method>@scale=X with X > 0 (e.g. "
-                         "adalora@scale=1.333) and fixed@profile=<adaptive allocator> (e.g. fixed@profile=sora).")
+    """"adalora@scale=1.333" -> ("adalora", 1.333); a plain name, fixed@profile=M or a method with options only ->
+    (name, 2.0), the CLI's scale. Refuses what is not a variant (checks option names against the allocator's
+    config, so a misspelt option stops the run before any row)."""
+    name, variants = _variants(method)
+    if name in PEFT_METHODS and variants:
+        raise ValueError(f"method {method!r}: {VARIANT_HELP}")
+    scale = 2.0
+    if "scale" in variants:
+        try:
+            scale = float(variants["scale"])
+        except ValueError:
+            scale = -1.0
+        if scale <= 0:
+            raise ValueError(f"method {method!r}: {VARIANT_HELP}")
+    if "profile" in variants:
+        value = variants["profile"]
+        if name != "fixed" or value in PEFT_METHODS or value == "fixed" or len(variants) > 1:
+            raise ValueError(f"method {method!r}: {VARIANT_HELP}")
+    variant_options(method)
     return name, scale
+
+
+def variant_options(method: str) -> dict[str, Any]:
+    """"sora@match_update=true@final_steps=120" -> {"match_update": True, "final_steps": 120}: the allocator
+    options a variant sets (values read as JSON, else kept as strings), checked against the allocator's config."""
+    import json
+
+    from rankwise.allocate import get_allocator_class
+
+    name, variants = _variants(method)
+    options = {}
+    for key, value in variants.items():
+        if key in ("scale", "profile"):
+            continue
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    if options:
+        try:
+            get_allocator_class(name).Config.from_dict(options)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"method {method!r}: {err} ({VARIANT_HELP})") from None
+    return options
 
 
 def profile_of(method: str) -> str | None:
     """"fixed@profile=sora" -> "sora"; None for every other method."""
-    name, _, variant = method.partition("@")
-    key, _, value = variant.partition("=")
-    return value if name == "fixed" and key == "profile" else None
+    name, variants = _variants(method)
+    return variants.get("profile") if name == "fixed" else None
 
 
 def recorded_profile(allocator: str, task: str, budget: int, source: str = PROFILE_SOURCE) -> dict[str, float]:
@@ -208,11 +254,11 @@ def setup_rankwise(method: str, model: nn.Module, task: Task, k: int, budget_par
             rank_pattern={kind: r for kind, r in ranks.items()},
             alpha_pattern={kind: 2.0 * max(r, 1) for kind, r in ranks.items()}))
         return None, lambda: rankwise.adapter_param_count(model)
+    options = {**allocator_options.get(split_variant(method)[0], {}), **variant_options(method)}
     method, scale = split_variant(method)
     rankwise.inject(model, rankwise.LoraConfig(r=r0, alpha=scale * r0, target_modules=targets,
                                                modules_to_save=modules_to_save))
-    alloc = make_allocator(method, model, Budget(params=budget_params), allocator_options.get(method),
-                           total_steps=steps, seed=seed)
+    alloc = make_allocator(method, model, Budget(params=budget_params), options, total_steps=steps, seed=seed)
     alloc.prepare(batches, loss_fn)
     alloc.set_eval_batch(heldout_batch, loss_fn)  # held-out TRAINING rows, never the dev set we report
     return alloc, lambda: rankwise.adapter_param_count(model)

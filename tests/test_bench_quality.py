@@ -105,6 +105,19 @@ def test_method_scale_variants_parse_and_refuse_the_rest():
             split_variant(bad)
 
 
+def test_option_variants_reach_the_allocator_config():
+    sys.path.insert(0, str(ROOT))
+    from bench.quality_methods import split_variant, variant_options
+
+    assert variant_options("sora@match_update=true@final_steps=120") == {"match_update": True, "final_steps": 120}
+    assert split_variant("sora@scale=1.333@match_update=true") == ("sora", 1.333)
+    assert variant_options("sora@scale=3") == {} and variant_options("fixed@profile=sora") == {}
+    for bad in ("sora@final_step=120", "sora@schedule=grow", "sora@match_update=true@match_update=false",
+                "fixed@profile=sora@match_update=true"):
+        with pytest.raises(ValueError, match="@scale=X"):
+            split_variant(bad)
+
+
 def test_profile_variant_keeps_the_shape_within_the_budget():
     sys.path.insert(0, str(ROOT))
     from bench.quality_methods import profile_of, recorded_profile, split_variant, static_ranks

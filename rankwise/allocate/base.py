@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from rankwise.allocate.budget import Budget, params_of
+from rankwise.allocate import update_scale
 from rankwise.layers.adapter import LoraAdapter
 from rankwise.model import adapter_modules
 from rankwise.optim import remap_optimizer
@@ -63,7 +64,12 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 @dataclasses.dataclass
 class AllocatorConfig:
-    """Knobs shared by allocators; each method subclasses it with its own (all with defaults)."""
+    """Knobs shared by allocators; each method subclasses it with its own (all with defaults).
+
+    match_update: while the adapter holds more parameters than the budget, lower every scale by budget / params
+    (function kept), so that the update per step is fixed-rank LoRA's at the budget (`update_scale`)."""
+
+    match_update: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -112,6 +118,8 @@ class Allocator(ABC):
         self.layers = {n: layer for n, layer, _ in adapter_modules(model, adapter_name)}
         self.costs = {n: a.params_per_rank for n, a in self.modules.items()}
         self.budget_params = budget.total(self.costs)
+        self.update_factor = 1.0  # c of `update_scale`: every scale is its injected value times c
+        self.update_synced = False
 
     # ---- hooks (override as needed) -------------------------------------------------------------
     def prepare(self, batches: BatchSource | None = None, loss_fn: LossFn = default_loss) -> None:
@@ -119,6 +127,8 @@ class Allocator(ABC):
 
     def attach(self, optimizer: torch.optim.Optimizer | None) -> None:
         self.optimizer = optimizer
+        if not self.update_synced:  # once: a resume attaches again, then loads the factor it saved
+            self.sync_update_scale()
 
     def loss_term(self) -> torch.Tensor | None:
         """A regulariser added to the training loss (e.g. AdaLoRA's orthogonality), or None."""
@@ -154,8 +164,19 @@ class Allocator(ABC):
         remaps = adapter.resize(keep, add, **new)
         remap_optimizer(self.optimizer, remaps)
         self.resize_version += 1
+        self.sync_update_scale()
         if adapter.r != old:
             self.record(step, name, old, adapter.r, score)
+
+    def sync_update_scale(self) -> None:
+        """With `match_update`, set every scale to its injected value times min(1, budget / params), keeping
+        the function (B and its optimizer moments are folded: rankwise.allocate.update_scale)."""
+        if not self.config.match_update:
+            return
+        factor = update_scale.update_factor(self.current_params(), self.budget_params)
+        update_scale.rescale_adapters(list(self.modules.values()), self.update_factor, factor, self.optimizer)
+        self.update_factor = factor
+        self.update_synced = True
 
     def apply_keep(self, keep: dict[str, torch.Tensor], step: int, scores: dict[str, float] | None = None) -> None:
         """Resize every module whose kept set differs from all of its components."""
@@ -179,11 +200,17 @@ class Allocator(ABC):
             "history": list(self.history),
             "generator": self.generator.get_state(),
             "ranks": self.ranks,
+            "update_factor": self.update_factor,
+            "update_scales": {n: a.scale for n, a in self.modules.items()} if self.config.match_update else {},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = list(state["history"])
         self.generator.set_state(state["generator"])
+        self.update_factor = float(state.get("update_factor", 1.0))
+        self.update_synced = True
+        for name, scale in state.get("update_scales", {}).items():  # the scales that go with that factor
+            self.modules[name].scale = float(scale)
 
     def refresh_modules(self) -> None:
         """Re-read the adapters (after a checkpoint restore replaced parameters)."""

@@ -1,0 +1,69 @@
+"""Keep the size of an adaptive adapter's update equal to fixed-rank LoRA's at the same budget.
+
+Why. With the usual alpha = 2 r the scale s = alpha / r is 2 at any rank, so every component takes steps of the
+same size: an adapter of R components moves dW about R times one component's step per optimizer step. Pruning
+allocators (SoRA, AdaLoRA) start above the budget (the CLI injects them at 1.5x the budget's rank) and remove
+components as they train, so for most of the run they take larger steps than fixed rank at the budget: a higher
+effective learning rate, which the quality benchmark measured as the whole of their gain on the LM tasks, and
+which scaling alpha down to the budget's rank turns into a loss once pruning leaves them at the budget with
+2/3 of fixed rank's scale (docs/BENCHMARKS.md, "The effective learning rate, not the allocation").
+
+What. While the adapter holds P parameters above the budget's Pb, every module's scale is its injected scale
+times c = min(1, Pb / P):
+
+    s_i(t) = s_i(0) * c(t)          sum_i s_i(t) r_i(t) (in_i + out_i) <= sum_i s_i(0) rb_i (in_i + out_i)
+
+so the parameter-weighted sum of scales, the update size per step, is the budget's. c reaches 1 when the adapter
+is pruned down to the budget and stays there. When c changes from c0 to c1 the function is kept: B (and the
+LoRA bias, which the scale multiplies too) is multiplied by c0 / c1, and the optimizer's running moments of
+those tensors follow their gradients, which scale by c1 / c0 (Adam's exp_avg by c1 / c0, exp_avg_sq by
+(c1 / c0)^2, SGD's momentum by c1 / c0), so the next Adam step has the size it would have had, in s * B.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rankwise.layers.adapter import LoraAdapter
+
+# Optimizer state entries and the power of the gradient each holds.
+_MOMENT_POWERS = {"exp_avg": 1, "momentum_buffer": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2}
+
+
+def update_factor(params: int, budget_params: int) -> float:
+    """c = min(1, budget / params): the factor on every injected scale (1 at or under the budget)."""
+    if budget_params <= 0 or params <= budget_params:
+        return 1.0
+    return budget_params / params
+
+
+@torch.no_grad()
+def rescale_adapters(adapters: list[LoraAdapter], old: float, new: float,
+                     optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Change every adapter's scale by new / old without changing its function. Mutates the adapters and the
+    optimizer state of their B (and LoRA bias)."""
+    if old == new:
+        return
+    fold = old / new  # s * B is kept: B *= old / new while s *= new / old
+    tensors = []
+    for a in adapters:
+        a.scale = a.scale * new / old
+        tensors.append(a.lora_B)
+        if a.lora_bias is not None:
+            tensors.append(a.lora_bias)
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return
+    torch._foreach_mul_([t.data for t in tensors], fold)
+    if optimizer is None:
+        return
+    moments: dict[int, list[torch.Tensor]] = {1: [], 2: []}
+    for t in tensors:
+        state = optimizer.state.get(t)
+        for key, power in _MOMENT_POWERS.items():
+            value = state.get(key) if state else None
+            if torch.is_tensor(value) and value.shape == t.shape:
+                moments[power].append(value)
+    for power, values in moments.items():
+        if values:
+            torch._foreach_mul_(values, fold ** -power)  # the gradient of B scales by new / old
