@@ -218,6 +218,7 @@ class AdaLora(Allocator):
     """AdaLoRA under a parameter budget; the adapter's injected ranks are r_init (give ~1.5x the target)."""
 
     name = "adalora"
+    fold_scale_into = "rank_vector"  # P stays near orthonormal for the orthogonality term
     Config = AdaLoraConfig
 
     def __init__(self, model, budget, config=None, **kwargs) -> None:

@@ -89,6 +89,7 @@ class Allocator(ABC):
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[AllocatorConfig]] = AllocatorConfig
+    fold_scale_into: ClassVar[str] = "B"  # what absorbs a match_update rescale ("rank_vector": AdaLoRA)
 
     def __init__(
         self,
@@ -174,7 +175,8 @@ class Allocator(ABC):
         if not self.config.match_update:
             return
         factor = update_scale.update_factor(self.current_params(), self.budget_params)
-        update_scale.rescale_adapters(list(self.modules.values()), self.update_factor, factor, self.optimizer)
+        update_scale.rescale_adapters(list(self.modules.values()), self.update_factor, factor, self.optimizer,
+                                      into=self.fold_scale_into)
         self.update_factor = factor
         self.update_synced = True
 

@@ -43,6 +43,11 @@ after the warm-up, while the parameters of the ranks with g != 0 exceed b(t):
 Decisions use |g| and |dL/dg| averaged over processes: a rank is dropped only where its gate is 0 in every
 process.
 At export the gates fold into B (B' = B diag(g)), a plain LoRA.
+
+The update size (match_update, on by default since 2026-12-06): injected above the budget, SoRA would take larger
+steps than fixed rank at the budget until it is pruned down (every component has the scale alpha / r0). The scales
+are lowered to budget / params of their injected value and rise to it as ranks are removed, so an improvement over
+fixed rank at the same budget is the allocation's, not a higher effective learning rate (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -63,8 +68,11 @@ class SoraConfig(AllocatorConfig):
     check_every: steps between dropping zero gates and applying the schedule; warmup_steps (None: 10% of
     total_steps) and final_steps (None: 20%) shape the parameter schedule; schedule: "prune" or "xi" (see the
     module docstring); score: what the budget ranks ranks by, "contribution" (|g| ||b|| ||a||) or "gate" (|g|);
-    xi_growth: factor on m per check and max_xi_mult (schedule="xi")."""
+    xi_growth: factor on m per check and max_xi_mult (schedule="xi"); match_update (default on): scales follow
+    budget / params while above the budget, so the update per step is fixed rank's (rankwise.allocate.update_scale;
+    off: the update is as large as the injected rank's, 1.5x fixed rank's at the start with the CLI's set-up)."""
 
+    match_update: bool = True
     xi: float = 3e-4
     scale_by_lr: bool = True
     check_every: int = 10

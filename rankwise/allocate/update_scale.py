@@ -18,6 +18,8 @@ is pruned down to the budget and stays there. When c changes from c0 to c1 the f
 LoRA bias, which the scale multiplies too) is multiplied by c0 / c1, and the optimizer's running moments of
 those tensors follow their gradients, which scale by c1 / c0 (Adam's exp_avg by c1 / c0, exp_avg_sq by
 (c1 / c0)^2, SGD's momentum by c1 / c0), so the next Adam step has the size it would have had, in s * B.
+`into="rank_vector"` folds into the per-component vector e instead of B (AdaLoRA: its orthogonality term
+wants P = B with orthonormal columns, and the singular values are what it rescales anyway).
 """
 
 from __future__ import annotations
@@ -39,16 +41,20 @@ def update_factor(params: int, budget_params: int) -> float:
 
 @torch.no_grad()
 def rescale_adapters(adapters: list[LoraAdapter], old: float, new: float,
-                     optimizer: torch.optim.Optimizer | None = None) -> None:
+                     optimizer: torch.optim.Optimizer | None = None, into: str = "B") -> None:
     """Change every adapter's scale by new / old without changing its function. Mutates the adapters and the
-    optimizer state of their B (and LoRA bias)."""
+    optimizer state of what absorbs the change: B and the LoRA bias (into="B"), or the rank vector e and the
+    LoRA bias (into="rank_vector"; adapters without one fall back to B)."""
+    if into not in ("B", "rank_vector"):
+        raise ValueError(f"rescale_adapters: into={into!r}; allowed: 'B' or 'rank_vector'.")
     if old == new:
         return
-    fold = old / new  # s * B is kept: B *= old / new while s *= new / old
+    fold = old / new  # s * B diag(e) is kept: B (or e) *= old / new while s *= new / old
     tensors = []
     for a in adapters:
         a.scale = a.scale * new / old
-        tensors.append(a.lora_B)
+        use_vector = into == "rank_vector" and a.rank_vector is not None
+        tensors.append(a.rank_vector if use_vector else a.lora_B)
         if a.lora_bias is not None:
             tensors.append(a.lora_bias)
     tensors = [t for t in tensors if t.numel()]

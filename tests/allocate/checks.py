@@ -102,7 +102,8 @@ def build(name: str, budget: Budget, steps: int, config: dict | None = None, *, 
 def spy_optimizer_remap(run: Run) -> list[dict]:
     """Wrap `run.alloc.resize_module`: after every resize, Adam's exp_avg (and exp_avg_sq) of the surviving
     components must be the rows / columns they had before, in the kept order, and new components start at 0.
-    Returns a growing list of the checked resizes."""
+    With match_update the moments of what absorbs the rescale (B, or the rank vector) are multiplied by
+    (new factor / old factor)^power (rankwise.allocate.update_scale). Returns a growing list of the checked resizes."""
     checked: list[dict] = []
     original = run.alloc.resize_module
 
@@ -112,7 +113,10 @@ def spy_optimizer_remap(run: Run) -> list[dict]:
         attrs = [("lora_A", 0), ("lora_B", 1), ("rank_vector", 0)]
         before = {attr: {k: v.clone() for k, v in run.opt.state[getattr(adapter, attr)].items() if torch.is_tensor(v) and v.dim()}
                   for attr, _ in attrs if getattr(adapter, attr) is not None and getattr(adapter, attr) in run.opt.state}
+        factor = run.alloc.update_factor
         original(name, keep, add, **kw)
+        ratio = run.alloc.update_factor / factor
+        folded = "rank_vector" if run.alloc.fold_scale_into == "rank_vector" and adapter.rank_vector is not None else "lora_B"
         idx = torch.arange(r_old) if keep is None else torch.as_tensor(keep, dtype=torch.long)
         for attr, dim in attrs:
             if attr not in before:
@@ -120,7 +124,10 @@ def spy_optimizer_remap(run: Run) -> list[dict]:
             state = run.opt.state[getattr(adapter, attr)]
             for key, old in before[attr].items():
                 new = state[key]
-                assert torch.equal(new.narrow(dim, 0, idx.numel()), old.index_select(dim, idx)), (name, attr, key)
+                expected = old.index_select(dim, idx)
+                if attr == folded and ratio != 1.0:
+                    expected = expected * ratio ** (2 if key.endswith("_sq") else 1)
+                assert torch.allclose(new.narrow(dim, 0, idx.numel()), expected, rtol=1e-6, atol=0), (name, attr, key)
                 assert new.narrow(dim, idx.numel(), add).abs().sum() == 0, (name, attr, key)
         checked.append({"module": name, "old": r_old, "kept": idx.numel(), "added": add, "attrs": sorted(before)})
 

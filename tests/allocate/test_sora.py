@@ -109,7 +109,8 @@ def test_resume_from_state_dicts_is_exact():
 
 
 def test_xi_schedule_raises_xi_and_resumes_exactly():
-    same, _, saved = resume_matches("sora", k=100, config={**CONFIG, "schedule": "xi"})
+    # match_update off: with matched scales this run happens to sit under the schedule at step 100 (xi_mult 1)
+    same, _, saved = resume_matches("sora", k=100, config={**CONFIG, "schedule": "xi", "match_update": False})
     assert same and saved["xi_mult"] > 1, "the snapshot must hold a raised xi"
 
 

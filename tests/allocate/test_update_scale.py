@@ -12,12 +12,17 @@ from rankwise.layers.adapter import LoraAdapter
 
 BUDGET, STEPS, CONFIG = SETUPS["sora"]  # injected at rank 8 (2048 parameters), budget 1024
 MATCH = {**CONFIG, "match_update": True}
+PLAIN = {**CONFIG, "match_update": False}
 
 
 @pytest.fixture(autouse=True)
 def _single_thread():
     with one_thread():
         yield
+
+
+def test_sora_matches_the_update_by_default():
+    assert build("sora", BUDGET, STEPS, CONFIG).alloc.config.match_update
 
 
 def test_factor_is_budget_over_params_above_the_budget_only():
@@ -61,7 +66,7 @@ def test_rescale_keeps_the_function_and_scales_the_next_adam_step(bias):
 
 
 def test_sora_starts_at_budget_over_params_and_ends_at_its_injected_scale():
-    plain = build("sora", BUDGET, STEPS, CONFIG)
+    plain = build("sora", BUDGET, STEPS, PLAIN)
     run = build("sora", BUDGET, STEPS, MATCH)
     s0 = {n: a.scale for n, a in plain.alloc.modules.items()}
     assert all(a.scale == pytest.approx(0.5 * s0[n]) for n, a in run.alloc.modules.items()), "2048 params, budget 1024"
@@ -102,3 +107,20 @@ def test_export_with_matched_scales_loads_in_peft(tmp_path):
     run.train(1, STEPS)
     run.alloc.finalize()
     assert export_max_diff(run, tmp_path / "adapter") <= 1e-5
+
+
+def test_adalora_folds_the_rescale_into_its_singular_values():
+    budget, steps, config = SETUPS["adalora"]
+    run = build("adalora", budget, steps, {**config, "match_update": True})
+    plain = build("adalora", budget, steps, config)
+    run.train(1, steps)
+    plain.train(1, 1)
+    assert run.alloc.update_factor == 1.0 and run.alloc.current_params() <= run.alloc.budget_params
+    s0 = {n: a.scale for n, a in plain.alloc.modules.items()}
+    assert all(a.scale == pytest.approx(s0[n]) for n, a in run.alloc.modules.items())
+    rescaled = build("adalora", budget, steps, {**config, "match_update": True})
+    rescaled.train(1, 5)
+    name, adapter = next(iter(rescaled.alloc.modules.items()))
+    B, e = adapter.lora_B.detach().clone(), adapter.rank_vector.detach().clone()
+    rescale_adapters([adapter], 1.0, 2.0, rescaled.opt, into="rank_vector")
+    assert torch.equal(adapter.lora_B, B) and torch.allclose(adapter.rank_vector, e / 2)
