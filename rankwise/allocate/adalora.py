@@ -314,14 +314,15 @@ class AdaLora(Allocator):
             return
         scores = self.triplet_scores()
         keep = select_components(scores, self.costs, target, self.budget.min_rank, self.budget.max_rank)
-        for name, idx in keep.items():
-            if idx.numel() == self.modules[name].r:
-                continue
-            mean = float(scores[name].mean()) if scores[name].numel() else 0.0
-            self.resize_module(name, idx, step=step, score=mean)
-            self.ema.select(f"{name}.A", 0, idx)
-            self.ema.select(f"{name}.B", 1, idx)
-            self.ema.select(f"{name}.e", 0, idx)
+        with self.batch_resizes():
+            for name, idx in keep.items():
+                if idx.numel() == self.modules[name].r:
+                    continue
+                mean = float(scores[name].mean()) if scores[name].numel() else 0.0
+                self.resize_module(name, idx, step=step, score=mean)
+                self.ema.select(f"{name}.A", 0, idx)
+                self.ema.select(f"{name}.B", 1, idx)
+                self.ema.select(f"{name}.e", 0, idx)
 
     # ---- state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

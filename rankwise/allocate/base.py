@@ -24,6 +24,7 @@ before deciding, so every process of a distributed run makes the same decision.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from abc import ABC
 from collections.abc import Callable, Iterable
@@ -32,8 +33,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from rankwise.allocate.budget import Budget, params_of
 from rankwise.allocate import update_scale
+from rankwise.allocate.budget import Budget, params_of
 from rankwise.layers.adapter import LoraAdapter
 from rankwise.model import adapter_modules
 from rankwise.optim import remap_optimizer
@@ -121,6 +122,7 @@ class Allocator(ABC):
         self.budget_params = budget.total(self.costs)
         self.update_factor = 1.0  # c of `update_scale`: every scale is its injected value times c
         self.update_synced = False
+        self.defer_sync = False  # inside `batch_resizes`: one rescale after the batch, not one per resize
 
     # ---- hooks (override as needed) -------------------------------------------------------------
     def prepare(self, batches: BatchSource | None = None, loss_fn: LossFn = default_loss) -> None:
@@ -165,9 +167,21 @@ class Allocator(ABC):
         remaps = adapter.resize(keep, add, **new)
         remap_optimizer(self.optimizer, remaps)
         self.resize_version += 1
-        self.sync_update_scale()
+        if not self.defer_sync:
+            self.sync_update_scale()
         if adapter.r != old:
             self.record(step, name, old, adapter.r, score)
+
+    @contextlib.contextmanager
+    def batch_resizes(self):
+        """Resizes inside share one `sync_update_scale` at the end (a decision that resizes many modules would
+        otherwise rescale every adapter once per module)."""
+        self.defer_sync = True
+        try:
+            yield
+        finally:
+            self.defer_sync = False
+            self.sync_update_scale()
 
     def sync_update_scale(self) -> None:
         """With `match_update`, set every scale to its injected value times min(1, budget / params), keeping
@@ -182,9 +196,10 @@ class Allocator(ABC):
 
     def apply_keep(self, keep: dict[str, torch.Tensor], step: int, scores: dict[str, float] | None = None) -> None:
         """Resize every module whose kept set differs from all of its components."""
-        for name, idx in keep.items():
-            if idx.numel() != self.modules[name].r:
-                self.resize_module(name, idx, step=step, score=None if scores is None else scores.get(name))
+        with self.batch_resizes():
+            for name, idx in keep.items():
+                if idx.numel() != self.modules[name].r:
+                    self.resize_module(name, idx, step=step, score=None if scores is None else scores.get(name))
 
     def record(self, step: int, module: str, old_rank: int, new_rank: int, score: float | None = None) -> None:
         self.history.append({

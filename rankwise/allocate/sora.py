@@ -205,10 +205,11 @@ class Sora(Allocator):
                 continue
             drop[n].append(k)
             params -= self.costs[n]
-        for n, ks in drop.items():
-            if ks:
-                keep = [k for k in range(mags[n].numel()) if k not in ks]
-                self.resize_module(n, keep, step=step, score=float(mags[n].sum()))
+        with self.batch_resizes():
+            for n, ks in drop.items():
+                if ks:
+                    keep = [k for k in range(mags[n].numel()) if k not in ks]
+                    self.resize_module(n, keep, step=step, score=float(mags[n].sum()))
 
     @torch.no_grad()
     def rank_scores(self, mags: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -234,9 +235,10 @@ class Sora(Allocator):
         if self.current_params() > params:
             scores = self.rank_scores(self.gate_stats()[0])
             keep = select_components(scores, self.costs, params, self.budget.min_rank, self.budget.max_rank)
-            for name, idx in keep.items():
-                if idx.numel() < self.modules[name].r:
-                    self.resize_module(name, idx, step=step, score=float(scores[name].sum()))
+            with self.batch_resizes():
+                for name, idx in keep.items():
+                    if idx.numel() < self.modules[name].r:
+                        self.resize_module(name, idx, step=step, score=float(scores[name].sum()))
 
     def cap_to_budget(self, step: int, floor: int) -> None:
         """Drop zero gates (down to `floor` parameters), then keep the largest scores that fit the Budget."""
