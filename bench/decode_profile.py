@@ -38,6 +38,12 @@ from rankwise.serve.kernels import graph_timing, pdl  # noqa: E402
 from rankwise.serve.lora_batch import plan_blocks  # noqa: E402
 
 B, CTX = 32, 192
+# decode attention launch shapes compared (`triton_attention.DECODE_LAUNCH`); splits > 1: split-context decoding
+ATTENTION_CASES = (
+    {"block_n": 64}, {"num_warps": 8}, {"num_stages": 2}, {"block_n": 64, "num_stages": 4},
+    {"block_n": 256, "num_warps": 8}, {"splits": 2}, {"splits": 2, "block_n": 64}, {"splits": 3, "block_n": 64},
+    {"splits": 4, "block_n": 64}, {"splits": 6, "block_n": 32}, {"splits": 4, "block_n": 32, "num_warps": 2},
+)
 
 
 def setup_rows(engine: Engine, slots: list[int]) -> None:
@@ -256,6 +262,8 @@ def main() -> None:
     ap.add_argument("--work", default=None)
     ap.add_argument("--gemms", action="store_true", help="also time skinny GEMM launch shapes against cuBLAS")
     ap.add_argument("--quick", action="store_true", help="only PDL on/off and the three LoRA orders")
+    ap.add_argument("--attention", action="store_true",
+                    help="only the base step under decode attention launch shapes (split-context ones included)")
     args = ap.parse_args()
     out: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     res_path = Path(args.out) / "decode_profile.json"
@@ -309,12 +317,21 @@ def main() -> None:
 
     none, one = [-1] * B, [slots[0]] * B
     case("base (PDL, tuned GEMMs)", none, None)
+    if args.attention:
+        for attn in ATTENTION_CASES:
+            case(f"base attn {attn}", none, None, attn=attn)
+        case("base (PDL, tuned GEMMs) again", none, None)
+        out["graph_step_ms"] = steps
+        save()
+        print("\n== graph step ms (batch 32, context 192) ==")
+        for k, v in steps.items():
+            print(f"{k:<48} {v if isinstance(v, str) else f'{v:.4f}'}")
+        return
     case("base no PDL", none, None, pdl_on=False)
     case("base cuBLAS only", none, None, gemm={})
     if not args.quick:
         case("base skinny qkv/o forced", none, None, gemm=forced)
-        for attn in ({"block_n": 64}, {"num_warps": 8}, {"num_stages": 2}, {"num_stages": 4},
-                     {"block_n": 64, "num_stages": 4}, {"block_n": 256, "num_warps": 8}, {"block_n": 32, "num_stages": 4}):
+        for attn in ATTENTION_CASES:
             case(f"base attn {attn}", none, None, attn=attn)
     for order in ("side", "gemm_first", "shrink_first"):
         case(f"lora32 {order}", slots, qkvo, order=order)

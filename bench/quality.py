@@ -7,6 +7,7 @@ trainable-parameter budgets, on real tasks with real models.
     python bench/quality.py --tasks alpaca,math          # SmolLM2-135M on Alpaca / LLM-Adapters maths (held-out loss)
     python bench/quality.py --methods "fixed@scale=3,adalora@scale=1.333"   # update-size controls (quality_methods)
     python bench/quality.py --report results.jsonl       # print the tables of earlier runs
+    python bench/quality.py --report results.jsonl --metric loss   # every task by held-out loss
 
 A budget k means the parameters of uniform rank k over the same target modules: sum_i k * (in_i + out_i).
 Every row of one task and seed sees the same base model, head initialisation, batches in the same order,
@@ -68,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smollm", default=None, help="folder holding SmolLM2-135M-Instruct.Q4_1.gguf")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     p.add_argument("--report", nargs="+", metavar="JSONL", help="only print the tables of these result files")
+    p.add_argument("--metric", default="task", choices=("task", "loss"),
+                   help="score classification tasks by their GLUE metric (task) or by held-out loss (loss)")
     p.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     args = p.parse_args(argv)
     preset = QUICK if args.quick else FULL
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report:
         rows = [json.loads(line) for f in args.report for line in Path(f).read_text().splitlines() if line.strip()]
-        print_report(rows, markdown=args.markdown)
+        print_report(rows, markdown=args.markdown, metric=args.metric)
         return 0
     start = time.time()
     data_dir = Path(args.data_dir)
@@ -246,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                     record(fut.result())
     rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
     print(f"# done in {time.time() - start:.0f}s; {out}", flush=True)
-    print_report(rows, markdown=args.markdown)
+    print_report(rows, markdown=args.markdown, metric=args.metric)
     return 0
 
 

@@ -1,6 +1,11 @@
 """Tables of the quality benchmark from its JSONL rows: mean ± std over seeds per task, the average over the
 classification tasks, parameters actually used and wall time, one table per budget; then a summary that
-counts wins against fixed-rank LoRA and PEFT's AdaLoRA and names the best adaptive allocator.
+counts wins against fixed-rank LoRA and PEFT's AdaLoRA (paired: over the seeds both rows ran) and names the best
+adaptive allocator.
+
+`metric="task"` scores classification tasks by their GLUE metric (accuracy, Matthews) and LM tasks by held-out
+loss; `metric="loss"` scores every task by held-out loss (a classification row's `dev_loss`, the cross-entropy on
+its dev set: a continuous measure of the same model with less seed noise than accuracy on a few hundred rows).
 """
 
 from __future__ import annotations
@@ -15,29 +20,40 @@ REFERENCE_ROWS = ("fixed", "peft-lora", "peft-adalora")
 TASK_ORDER = (*CLS_TASKS, *LM_TASKS)
 HEADERS = {"sst2": "SST-2 acc", "cola": "CoLA mcc", "rte": "RTE acc", "mrpc": "MRPC acc", "gsm8k": "GSM8K loss",
            "alpaca": "Alpaca loss", "math": "Math loss"}
+METRICS = ("task", "loss")
+
+
+def _value(r: dict[str, Any], metric: str) -> float | None:
+    """A finished row's value under `metric` (None: the row did not record it)."""
+    if r["task"] in LM_TASKS:  # an LM task's score is minus the held-out loss; show the loss itself
+        return r["metrics"]["loss"]
+    return r["score"] if metric == "task" else r["metrics"].get("dev_loss")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """{(budget, method, task): [scores]} and friends, from the rows that finished."""
-    ok = [r for r in rows if "error" not in r and "skipped" not in r]
+def summarize(rows: list[dict[str, Any]], metric: str = "task") -> dict[str, Any]:
+    """{(budget, method, task): [scores]}, the same by seed, and friends, from the rows that finished."""
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}: choose from {METRICS}.")
+    ok = [r for r in rows if "error" not in r and "skipped" not in r and _value(r, metric) is not None]
     scores: dict[tuple, list[float]] = defaultdict(list)
+    by_seed: dict[tuple, dict[int, float]] = defaultdict(dict)
     params: dict[tuple, list[int]] = defaultdict(list)
     wall: dict[tuple, list[float]] = defaultdict(list)
     for r in ok:
         key = (r["budget"], r["method"], r["task"])
-        # an LM task's score is minus the held-out loss (higher is better everywhere); show the loss itself
-        scores[key].append(r["metrics"]["loss"] if r["task"] in LM_TASKS else r["score"])
+        scores[key].append(_value(r, metric))
+        by_seed[key][r["seed"]] = _value(r, metric)
         params[(r["budget"], r["method"])].append(r["params"])
         wall[(r["budget"], r["method"])].append(r["wall_s"])
     budgets = sorted({k[0] for k in scores})
     methods = list(dict.fromkeys(k[1] for k in sorted(scores, key=lambda k: _method_rank(k[1]))))
     tasks = [t for t in TASK_ORDER if any(k[2] == t for k in scores)]
-    return {"scores": scores, "params": params, "wall": wall, "budgets": budgets, "methods": methods,
-            "tasks": tasks, "errors": [r for r in rows if "error" in r],
+    return {"scores": scores, "by_seed": by_seed, "params": params, "wall": wall, "budgets": budgets,
+            "methods": methods, "tasks": tasks, "metric": metric, "errors": [r for r in rows if "error" in r],
             "skipped": [r for r in rows if "skipped" in r]}
 
 
@@ -55,34 +71,45 @@ def cls_average(s: dict, budget: int, method: str) -> float | None:
     return statistics.fmean(statistics.fmean(v) for v in vals)
 
 
-def _better(task: str, a: float, b: float) -> bool:
-    return a < b if task in LM_TASKS else a > b
+def _better(task: str, a: float, b: float, metric: str = "task") -> bool:
+    return a < b if task in LM_TASKS or metric == "loss" else a > b
 
 
-def print_report(rows: list[dict[str, Any]], markdown: bool = False) -> dict[str, Any]:
-    s = summarize(rows)
+def paired_means(s: dict, budget: int, method: str, ref: str, task: str) -> tuple[float, float] | None:
+    """The two rows' means over the seeds both ran (None if they share none)."""
+    mine, theirs = s["by_seed"].get((budget, method, task), {}), s["by_seed"].get((budget, ref, task), {})
+    common = sorted(set(mine) & set(theirs))
+    if not common:
+        return None
+    return statistics.fmean(mine[k] for k in common), statistics.fmean(theirs[k] for k in common)
+
+
+def print_report(rows: list[dict[str, Any]], markdown: bool = False, metric: str = "task") -> dict[str, Any]:
+    s = summarize(rows, metric)
     if not s["budgets"]:
         print("No finished rows.")
         return s
     for budget in s["budgets"]:
-        head = ["method", *[HEADERS[t] for t in s["tasks"]], "avg", "params", "wall s"]
+        head = ["method", *[HEADERS[t] if metric == "task" else HEADERS[t].split()[0] + " loss" for t in s["tasks"]],
+                "avg", "params", "wall s"]
         table = []
         for m in s["methods"]:
             cells = [m]
             for t in s["tasks"]:
                 v = s["scores"].get((budget, m, t))
-                digits = 3 if t in LM_TASKS else 1
+                digits = 3 if t in LM_TASKS or metric == "loss" else 1
                 cells.append(f"{_mean_std(v)[0]:.{digits}f} ± {_mean_std(v)[1]:.{digits}f}"
                              + (f" ({len(v)})" if v and len(v) != _max_n(s, budget, t) else "") if v else "-")
             avg = cls_average(s, budget, m)
-            cells.append("-" if avg is None else f"{avg:.2f}")
+            cells.append("-" if avg is None else f"{avg:.{3 if metric == 'loss' else 2}f}")
             p = s["params"].get((budget, m))
             cells.append(f"{statistics.fmean(p) / 1e3:.1f}k" if p else "-")
             w = s["wall"].get((budget, m))
             cells.append(f"{statistics.fmean(w):.1f}" if w else "-")
             table.append(cells)
         print(f"\nBudget: uniform rank {budget} (mean ± std over seeds; avg over classification tasks; params = "
-              "adapter parameters at the end; wall = seconds per row, set-up + training)")
+              "adapter parameters at the end; wall = seconds per row, set-up + training"
+              + ("; every task by held-out loss, lower is better)" if metric == "loss" else ")"))
         _print_table(head, table, markdown)
     _print_summary(s, markdown)
     for r in s["errors"]:
@@ -114,25 +141,30 @@ def _print_summary(s: dict, markdown: bool) -> None:
         avgs = [cls_average(s, b, m) for b in s["budgets"]]
         mean = statistics.fmean(avgs) if all(a is not None for a in avgs) else None
         overall[m] = mean
-        cells = [m, *["-" if a is None else f"{a:.2f}" for a in avgs], "-" if mean is None else f"{mean:.2f}"]
+        digits = 3 if s["metric"] == "loss" else 2
+        cells = [m, *["-" if a is None else f"{a:.{digits}f}" for a in avgs],
+                 "-" if mean is None else f"{mean:.{digits}f}"]
         for ref in ("fixed", "peft-adalora"):
             wins = total = 0
             for b in s["budgets"]:
                 for t in s["tasks"]:
-                    mine, theirs = s["scores"].get((b, m, t)), s["scores"].get((b, ref, t))
-                    if mine and theirs and m != ref:
+                    pair = paired_means(s, b, m, ref, t) if m != ref else None
+                    if pair:
                         total += 1
-                        wins += _better(t, statistics.fmean(mine), statistics.fmean(theirs))
+                        wins += _better(t, *pair, s["metric"])
             cells.append(f"{wins}/{total}" if total else "-")
         table.append(cells)
-    print("\nSummary (task x budget cells where the method's mean is better than the reference's mean)")
+    print("\nSummary (task x budget cells where the method's mean is better than the reference's, over the seeds "
+          "both ran)")
     _print_table(head, table, markdown)
     adaptive = {m: v for m, v in overall.items() if m.partition("@")[0] not in REFERENCE_ROWS and v is not None}
     if adaptive:
-        best = max(adaptive, key=adaptive.get)
+        loss = s["metric"] == "loss"
+        best = (min if loss else max)(adaptive, key=adaptive.get)
         fixed = overall.get("fixed")
-        print(f"\nBest adaptive allocator by mean over tasks and budgets: {best} ({adaptive[best]:.2f}"
-              + ("" if fixed is None else f"; fixed-rank LoRA {fixed:.2f}") + ")")
+        d = 3 if loss else 2
+        print(f"\nBest adaptive allocator by mean over {'classification ' if loss else ''}tasks and budgets: {best} "
+              f"({adaptive[best]:.{d}f}" + ("" if fixed is None else f"; fixed-rank LoRA {fixed:.{d}f}") + ")")
 
 
 def _print_table(head: list[str], rows: list[list[str]], markdown: bool) -> None:

@@ -154,3 +154,25 @@ def test_bad_scale_variant_stops_the_run_before_any_row(tmp_path):
     with pytest.raises(SystemExit, match="@scale=X"):
         main(["--quick", "--methods", "fixed@scale=big", "--out", str(tmp_path / "r.jsonl")])
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_report_compares_over_shared_seeds_and_scores_classification_by_dev_loss(capsys):
+    sys.path.insert(0, str(ROOT))
+    from bench.quality_report import print_report
+
+    base = {"task": "rte", "budget": 2, "steps": 10, "lr": 1e-3, "batch_size": 8, "params": 10, "wall_s": 1.0}
+    # fixed ran seeds 0 and 1, sora seed 0 only: sora's 61 beats fixed's seed-0 60, not fixed's mean 65 over both
+    rows = [{**base, "method": "fixed", "seed": 0, "score": 60.0, "metrics": {"dev_loss": 0.70}},
+            {**base, "method": "fixed", "seed": 1, "score": 70.0, "metrics": {"dev_loss": 0.60}},
+            {**base, "method": "sora", "seed": 0, "score": 61.0, "metrics": {"dev_loss": 0.72}}]
+    print_report(rows)
+    out = capsys.readouterr().out
+    assert "RTE acc" in out
+    assert [ln for ln in out.splitlines() if ln.startswith("sora")][-1].split()[-2] == "1/1", "paired over seed 0"
+    s = print_report(rows, metric="loss")
+    out = capsys.readouterr().out
+    assert "RTE loss" in out and "0.720" in out and "lower is better" in out
+    assert [ln for ln in out.splitlines() if ln.startswith("sora")][-1].split()[-2] == "0/1", "0.72 > 0.70 loses"
+    assert s["scores"][(2, "fixed", "rte")] == [0.70, 0.60]
+    with pytest.raises(ValueError, match="metric='f1'"):
+        print_report(rows, metric="f1")

@@ -110,12 +110,14 @@ def test_lora_launch_shapes_match_reference_interpreter(launch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block_n", [None, 32])
-def test_paged_attention_matches_reference_interpreter(dtype, block_n, monkeypatch):
+@pytest.mark.parametrize("block_n,splits", [(None, 1), (32, 1), (16, 3), (None, 4)])
+def test_paged_attention_matches_reference_interpreter(dtype, block_n, splits, monkeypatch):
+    # splits > 1: split-context programs and the combine kernel; (None, 4) leaves later splits with no key at all
     from rankwise.serve.kernels import triton_attention
     from rankwise.serve.kernels.triton_attention import paged_decode_attention
 
     monkeypatch.setitem(triton_attention.DECODE_LAUNCH, "block_n", block_n)
+    monkeypatch.setitem(triton_attention.DECODE_LAUNCH, "splits", splits)
 
     g = torch.Generator().manual_seed(0)
     B, H, Hkv, D, bs, NB = 4, 8, 2, 16, 4, 100
@@ -161,13 +163,15 @@ def _rope_decode_case(device, dtype, B, H, Hkv, D, bs, NB, max_ctx, seed=0):
     return out, ref, (kc, vc), (k_cache, v_cache)
 
 
-@pytest.mark.parametrize("block_n", [None, 16])
+@pytest.mark.parametrize("block_n,splits", [(None, 1), (16, 1), (16, 3), (None, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_with_rope_matches_reference_interpreter(dtype, block_n, monkeypatch):
-    # block_n None: every context fits the first tile (loaded before the PDL wait); 16: the loop over later tiles
+def test_decode_attention_with_rope_matches_reference_interpreter(dtype, block_n, splits, monkeypatch):
+    # block_n None: every context fits the first tile (loaded before the PDL wait); 16: the loop over later tiles;
+    # splits > 1: the new token is added by the last split, stored by the first, merged by the combine kernel
     from rankwise.serve.kernels import triton_attention
 
     monkeypatch.setitem(triton_attention.DECODE_LAUNCH, "block_n", block_n)
+    monkeypatch.setitem(triton_attention.DECODE_LAUNCH, "splits", splits)
     out, ref, (kc, vc), (k_ref, v_ref) = _rope_decode_case("cpu", dtype, B=4, H=8, Hkv=2, D=16, bs=4, NB=100,
                                                            max_ctx=90)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
@@ -270,8 +274,12 @@ def test_lora_kernels_real_sizes_gpu(site, launch):
 
 
 @pytest.mark.gpu
-def test_paged_attention_real_sizes_gpu():
+@pytest.mark.parametrize("splits", [1, 4])
+def test_paged_attention_real_sizes_gpu(splits, monkeypatch):
+    from rankwise.serve.kernels import triton_attention
     from rankwise.serve.kernels.triton_attention import paged_decode_attention
+
+    monkeypatch.setitem(triton_attention.DECODE_LAUNCH, "splits", splits)
 
     B, H, Hkv, D, bs, NB = 32, 32, 8, 64, 16, 2100
     q = torch.randn(B, H, D, device="cuda", dtype=torch.bfloat16)
@@ -285,7 +293,11 @@ def test_paged_attention_real_sizes_gpu():
 
 
 @pytest.mark.gpu
-def test_decode_attention_with_rope_real_sizes_gpu():
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_attention_with_rope_real_sizes_gpu(splits, monkeypatch):
+    from rankwise.serve.kernels import triton_attention
+
+    monkeypatch.setitem(triton_attention.DECODE_LAUNCH, "splits", splits)
     out, ref, (kc, vc), (k_ref, v_ref) = _rope_decode_case("cuda", torch.bfloat16, B=32, H=32, Hkv=8, D=64, bs=16,
                                                            NB=2100, max_ctx=1024)
     torch.testing.assert_close(kc.float(), k_ref.float(), atol=2e-2, rtol=2e-2)

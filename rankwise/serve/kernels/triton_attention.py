@@ -52,11 +52,11 @@ def _mm(a, b, IEEE: tl.constexpr, UP: tl.constexpr):
 
 
 @triton.jit
-def _kv_tile(k_ptr, v_ptr, bt_ptr, b, kvh, n0, n_cached, offs_d, stride_btb, stride_kb, stride_kt, stride_kh,
+def _kv_tile(k_ptr, v_ptr, bt_ptr, b, kvh, n0, hi, offs_d, stride_btb, stride_kb, stride_kt, stride_kh,
              BS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keys and values n0 .. n0 + BLOCK_N of row b's cache (zeros from n_cached on), through its block table."""
+    """Keys and values n0 .. n0 + BLOCK_N of row b's cache (zeros from hi on), through its block table."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < n_cached
+    mask_n = offs_n < hi
     blk = tl.load(bt_ptr + b * stride_btb + offs_n // BS, mask=mask_n, other=0).to(tl.int64)
     kv_off = blk * stride_kb + (offs_n % BS) * stride_kt + kvh * stride_kh                         # (BLOCK_N,)
     k = tl.load(k_ptr + kv_off[:, None] + offs_d[None, :], mask=mask_n[:, None], other=0.0)      # (BLOCK_N, D)
@@ -75,14 +75,16 @@ def _paged_decode_kernel(
     cos_ptr,      # (max_pos, D) with ROPE
     sin_ptr,      # (max_pos, D) with ROPE
     pos_ptr,      # (B,) int64 with ROPE: position of the new token
+    part_ptr,     # with SPLITS > 1: (B, H, SPLITS, D + 2) float32 partials [acc (unnormalised), m, l]
     scale,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_btb, stride_ob, stride_oh, stride_cos,
     H: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-    BS: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr, UP: tl.constexpr,
-    PDL: tl.constexpr,
+    BS: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr,
+    UP: tl.constexpr, PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     offs_g = tl.arange(0, BLOCK_G)
     mask_g = offs_g < GROUP
     heads = kvh * GROUP + offs_g
@@ -101,9 +103,10 @@ def _paged_decode_kernel(
         cos = tl.load(cos_ptr + pos * stride_cos + offs_d).to(tl.float32)[None, :]
         sin = tl.load(sin_ptr + pos * stride_cos + offs_d).to(tl.float32)[None, :]
         n_cached = n_ctx - 1  # the new token is the row's last; it is added from registers below
-        # the first BLOCK_N cached keys and values were written by earlier steps, never by this one (its new key goes
-        # to position pos, past them): with PDL they load while the kernel before this one finishes
-        k0, v0, mask_n0 = _kv_tile(k_ptr, v_ptr, bt_ptr, b, kvh, 0, n_cached, offs_d, stride_btb, stride_kb,
+        lo, hi = _split_range(n_cached, split, SPLITS, BLOCK_N)
+        # the split's first BLOCK_N cached keys and values were written by earlier steps, never by this one (its new
+        # key goes to position pos, past them): with PDL they load while the kernel before this one finishes
+        k0, v0, mask_n0 = _kv_tile(k_ptr, v_ptr, bt_ptr, b, kvh, lo, hi, offs_d, stride_btb, stride_kb,
                                    stride_kt, stride_kh, BS, BLOCK_N)
         if PDL:  # positions, block tables, rotary tables and cached keys are not written by the step's earlier kernels
             tl.extra.cuda.gdc_wait()
@@ -115,8 +118,9 @@ def _paged_decode_kernel(
         k_row = row + (H + kvh) * D
         k_new = rope_rows(tl.load(k_row + offs_d)[None, :], tl.load(k_row + rot_d)[None, :], sign, cos, sin, dt)
         v_new = tl.load(row + (H + HKV + kvh) * D + offs_d)[None, :]                              # (1, D)
-        tl.store(k_ptr + c_off + offs_d[None, :], k_new)
-        tl.store(v_ptr + c_off + offs_d[None, :], v_new)
+        first = (tl.zeros((1, D), tl.int32) + split) == 0  # split 0 writes the new key and value
+        tl.store(k_ptr + c_off + offs_d[None, :], k_new, mask=first)
+        tl.store(v_ptr + c_off + offs_d[None, :], v_new, mask=first)
     else:
         if PDL:
             tl.extra.cuda.gdc_wait()
@@ -125,7 +129,8 @@ def _paged_decode_kernel(
                     mask=mask_g[:, None], other=0.0)                                            # (BLOCK_G, D)
         n_ctx = tl.load(ctx_ptr + b)
         n_cached = n_ctx
-        k0, v0, mask_n0 = _kv_tile(k_ptr, v_ptr, bt_ptr, b, kvh, 0, n_cached, offs_d, stride_btb, stride_kb,
+        lo, hi = _split_range(n_cached, split, SPLITS, BLOCK_N)
+        k0, v0, mask_n0 = _kv_tile(k_ptr, v_ptr, bt_ptr, b, kvh, lo, hi, offs_d, stride_btb, stride_kb,
                                    stride_kt, stride_kh, BS, BLOCK_N)
     # the first tile (loaded above), then the rest of the cached keys BLOCK_N at a time
     s = _mm(q, tl.trans(k0), IEEE, UP) * scale                                                 # (BLOCK_G, BLOCK_N)
@@ -135,8 +140,8 @@ def _paged_decode_kernel(
     p = tl.exp(s - m_safe0[:, None])
     l = tl.sum(p, 1)
     acc = _mm(p.to(v0.dtype), v0, IEEE, UP)                                                     # (BLOCK_G, D)
-    for n0 in range(BLOCK_N, n_cached, BLOCK_N):
-        k, v, mask_n = _kv_tile(k_ptr, v_ptr, bt_ptr, b, kvh, n0, n_cached, offs_d, stride_btb, stride_kb,
+    for n0 in range(lo + BLOCK_N, hi, BLOCK_N):
+        k, v, mask_n = _kv_tile(k_ptr, v_ptr, bt_ptr, b, kvh, n0, hi, offs_d, stride_btb, stride_kb,
                                 stride_kt, stride_kh, BS, BLOCK_N)
         s = _mm(q, tl.trans(k), IEEE, UP) * scale                                           # (BLOCK_G, BLOCK_N)
         s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -148,17 +153,66 @@ def _paged_decode_kernel(
         m = m_new
     if ROPE:
         s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), 1) * scale                        # (BLOCK_G,)
-        s_new = tl.where(n_ctx > 0, s_new, float("-inf"))
+        s_new = tl.where((n_ctx > 0) & (split == SPLITS - 1), s_new, float("-inf"))  # the last split adds it
         m_new = tl.maximum(m, s_new)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # an idle row has no key at all
         alpha = tl.exp(m - m_safe)
         p_new = tl.exp(s_new - m_safe)
         l = l * alpha + p_new
         acc = acc * alpha[:, None] + p_new.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)
-    l = tl.where(l > 0, l, 1.0)
-    out = acc / l[:, None]
-    tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=mask_g[:, None])
+        m = m_new  # -inf only when the split saw no key at all (the partials keep it so)
+    if SPLITS == 1:
+        l = tl.where(l > 0, l, 1.0)
+        out = acc / l[:, None]
+        tl.store(o_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=mask_g[:, None])
+    else:  # partials for `_decode_combine_kernel`; an empty split stores m = -inf, l = 0, acc = 0
+        row = part_ptr + ((b * H + heads) * SPLITS + split) * (D + 2)                             # (BLOCK_G,)
+        tl.store(row[:, None] + offs_d[None, :], acc, mask=mask_g[:, None])
+        tl.store(row + D, m, mask=mask_g)
+        tl.store(row + D + 1, l, mask=mask_g)
+
+
+@triton.jit
+def _split_range(n, split, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tokens [lo, hi) of n that split `split` of SPLITS attends to: equal runs of whole BLOCK_N tiles."""
+    if SPLITS == 1:
+        lo = 0
+        hi = n
+    else:
+        per = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * per
+        hi = tl.minimum(lo + per, n)
+    return lo, hi
+
+
+@triton.jit
+def _decode_combine_kernel(
+    part_ptr,     # (B, H, SPLITS, D + 2) float32 partials [acc, m, l]
+    o_ptr,        # (B, H, D)
+    stride_ob, stride_oh,
+    H: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
+):
+    """out = sum_s e^{m_s - M} acc_s / sum_s e^{m_s - M} l_s over the splits of one (row, head); M = max_s m_s."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < SPLITS
+    offs_d = tl.arange(0, D)
+    base = part_ptr + ((b * H + h) * SPLITS + offs_s) * (D + 2)                                  # (BLOCK_S,)
+    m = tl.load(base + D, mask=mask_s, other=float("-inf"))
+    l = tl.load(base + D + 1, mask=mask_s, other=0.0)
+    acc = tl.load(base[:, None] + offs_d[None, :], mask=mask_s[:, None], other=0.0)            # (BLOCK_S, D)
+    m_max = tl.max(m, 0)
+    m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)  # no key in any split: an idle row
+    w = tl.exp(m - m_safe)                                                                        # (BLOCK_S,)
+    total = tl.sum(w * l, 0)
+    total = tl.where(total > 0, total, 1.0)
+    out = tl.sum(w[:, None] * acc, 0) / total                                                    # (D,)
+    tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty))
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -224,9 +278,12 @@ def paged_decode_attention_rope(
     return out
 
 
-# Launch shape of the decode kernel (keys per iteration, warps, pipeline stages); None: 128 keys for D <= 64, else
-# 64. It changes no result. Module-level so that a benchmark can compare shapes.
-DECODE_LAUNCH = {"block_n": None, "num_warps": 4, "num_stages": 3}
+# Launch shape of the decode kernel (keys per iteration, warps, pipeline stages, context splits); block_n None: 128
+# keys for D <= 64, else 64. splits > 1 is split-context decoding (flash-decoding): each (row, KV head) is split
+# into that many programs over equal runs of whole tiles, and `_decode_combine_kernel` merges their softmax
+# partials, for batches whose B x H_kv programs leave SMs idle. It changes no result beyond float32 rounding.
+# Module-level so that a benchmark can compare shapes.
+DECODE_LAUNCH = {"block_n": None, "num_warps": 4, "num_stages": 3, "splits": 1}
 
 
 def _launch_decode(q, k_cache, v_cache, block_tables, lens, out, scale, stride_qb, stride_qh, H, rope):
@@ -234,15 +291,25 @@ def _launch_decode(q, k_cache, v_cache, block_tables, lens, out, scale, stride_q
     _, BS, H_kv, D = k_cache.shape
     group = H // H_kv
     block_n = DECODE_LAUNCH["block_n"] or (128 if D <= 64 else 64)
+    splits = int(DECODE_LAUNCH.get("splits") or 1)
+    if splits < 1:
+        raise ValueError(f"DECODE_LAUNCH['splits']={splits}: use 1 (no split) or more.")
     cos, sin, pos = rope if rope is not None else (lens,) * 3  # unused without rope
-    _paged_decode_kernel[(B, H_kv)](
-        q, k_cache, v_cache, block_tables, lens, out, cos, sin, pos, scale,
+    part = (torch.empty((B, H, splits, D + 2), dtype=torch.float32, device=out.device) if splits > 1
+            else out)  # unused with one split
+    _paged_decode_kernel[(B, H_kv, splits)](
+        q, k_cache, v_cache, block_tables, lens, out, cos, sin, pos, part, scale,
         stride_qb, stride_qh, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), cos.stride(0) if rope is not None else 0,
         H=H, HKV=H_kv, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=D, BS=BS,
-        BLOCK_N=block_n, ROPE=rope is not None, IEEE=out.dtype == torch.float32, UP=UPCAST,
+        BLOCK_N=block_n, SPLITS=splits, ROPE=rope is not None, IEEE=out.dtype == torch.float32, UP=UPCAST,
         num_warps=DECODE_LAUNCH["num_warps"], num_stages=DECODE_LAUNCH["num_stages"], **pdl.launch_options(out),
     )
+    if splits > 1:
+        _decode_combine_kernel[(B, H)](
+            part, out, out.stride(0), out.stride(1), H=H, D=D, SPLITS=splits,
+            BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=1, **pdl.launch_options(out),
+        )
 
 
 @triton.jit
