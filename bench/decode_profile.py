@@ -34,7 +34,7 @@ import serve as sb  # noqa: E402  (bench/serve.py)
 
 from rankwise.serve.config import EngineConfig  # noqa: E402
 from rankwise.serve.engine import Engine  # noqa: E402
-from rankwise.serve.kernels import graph_timing, pdl  # noqa: E402
+from rankwise.serve.kernels import graph_timing, l2_prefetch, pdl  # noqa: E402
 from rankwise.serve.lora_batch import plan_blocks  # noqa: E402
 
 B, CTX = 32, 192
@@ -44,6 +44,7 @@ ATTENTION_CASES = (
     {"block_n": 256, "num_warps": 8}, {"splits": 2}, {"splits": 2, "block_n": 64}, {"splits": 3, "block_n": 64},
     {"splits": 4, "block_n": 64}, {"splits": 6, "block_n": 32}, {"splits": 4, "block_n": 32, "num_warps": 2},
 )
+PREFETCH_MB = (8, 16, 32, 64)  # `l2_prefetch.LIMIT_MB` values compared with --attention
 
 
 def setup_rows(engine: Engine, slots: list[int]) -> None:
@@ -298,8 +299,10 @@ def main() -> None:
 
     forced = dict(tuned, qkv=SkinnyLaunch(32, 256, 4, 3), o=SkinnyLaunch(16, 128, 4, 3))
 
-    def case(name, slots_, sites, order="side", gemm=None, pdl_on=True, attn=None):
+    def case(name, slots_, sites, order="side", gemm=None, pdl_on=True, attn=None, prefetch_mb=None):
         pdl.ENABLED = pdl_on
+        l2_prefetch.ENABLED, saved_mb = prefetch_mb is not None, l2_prefetch.LIMIT_MB
+        l2_prefetch.LIMIT_MB = prefetch_mb or saved_mb
         ctx["order"] = order
         engine.model.decode_gemm = tuned if gemm is None else gemm
         saved = dict(ta.DECODE_LAUNCH)
@@ -313,13 +316,20 @@ def main() -> None:
             ta.DECODE_LAUNCH.clear()
             ta.DECODE_LAUNCH.update(saved)
             pdl.ENABLED, ctx["order"], engine.model.decode_gemm = True, "side", tuned
+            l2_prefetch.ENABLED, l2_prefetch.LIMIT_MB = False, saved_mb
         print(f"{name:<48} {steps[name]}", flush=True)
 
     none, one = [-1] * B, [slots[0]] * B
     case("base (PDL, tuned GEMMs)", none, None)
     if args.attention:
-        for attn in ATTENTION_CASES:
+        for attn in ({"splits": 2, "block_n": 64},):  # the best split of the full list (2026-12-06)
             case(f"base attn {attn}", none, None, attn=attn)
+        for mb in PREFETCH_MB:
+            case(f"base L2 prefetch <= {mb} MB", none, None, prefetch_mb=mb)
+        for mb in PREFETCH_MB[:2]:
+            case(f"lora32 shrink_first L2 prefetch <= {mb} MB", slots, (True, True, False, False), order="shrink_first",
+                 prefetch_mb=mb)
+        case("lora32 shrink_first", slots, (True, True, False, False), order="shrink_first")
         case("base (PDL, tuned GEMMs) again", none, None)
         out["graph_step_ms"] = steps
         save()

@@ -249,7 +249,8 @@ class LlamaFamilyModel:
 
             active = attn.active if attn.active is not None else attn.context_lens > 0
             o = paged_decode_attention_rope(qkv, self.cos, self.sin, positions, active, kv.k[layer], kv.v[layer],
-                                            attn.block_tables, self.scale, self.spec.num_heads)
+                                            attn.block_tables, self.scale, self.spec.num_heads,
+                                            prefetch=self._prefetch(qkv.shape[0], f"{layer}.o"))
             return o.reshape(qkv.shape[0], -1)
         q, k, v = self._rope_and_store(layer, qkv, positions, kv, attn)
         return self._attention(layer, q, k, v, kv, attn)
@@ -286,13 +287,20 @@ class LlamaFamilyModel:
                                            self.scale)
         return o.reshape(T, -1)
 
-    def _add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, key: str
+    def _prefetch(self, rows: int, key: str) -> torch.Tensor | None:
+        """The weight `key` for a decode-sized step's kernels to bring into L2 ahead of its GEMM
+        (`kernels/l2_prefetch.py`, off unless enabled); None for larger steps, whose GEMMs are compute-bound."""
+        return self.w.get(key) if self.use_triton and rows <= self.decode_gemm_rows else None
+
+    def _add_norm(self, x: torch.Tensor, residual: torch.Tensor | None, key: str, prefetch: str | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rms(residual + x) * w, residual + x): transformers' residual add followed by the next RMSNorm."""
+        """(rms(residual + x) * w, residual + x): transformers' residual add followed by the next RMSNorm.
+        prefetch: the key of the weight the next GEMM reads (an L2 prefetch hint for decode steps)."""
         if self.use_triton:
             from rankwise.serve.kernels.triton_fused import add_rms
 
-            return add_rms(x, residual, self.w[key], self.spec.rms_eps)
+            pf = self._prefetch(x.shape[0], prefetch) if prefetch is not None else None
+            return add_rms(x, residual, self.w[key], self.spec.rms_eps, prefetch=pf)
         r = x if residual is None else residual + x
         return _rms(r, self.w[key], self.spec.rms_eps), r
 
@@ -323,11 +331,11 @@ class LlamaFamilyModel:
         if self.use_triton and attn.prefill_lens is not None and attn.seq_start is None:
             starts = torch.tensor(seq_starts(attn.prefill_lens, input_ids.shape[0]), dtype=torch.int32)
             attn = dataclasses.replace(attn, seq_start=starts.to(input_ids.device))
-        h, residual = self._add_norm(self.w["embed"][input_ids], None, "0.ln1")   # (T, hidden)
+        h, residual = self._add_norm(self.w["embed"][input_ids], None, "0.ln1", "0.qkv")   # (T, hidden)
         for i in range(s.num_layers):
             qkv = self._linear(h, i, 0, "qkv", lora)                     # (T, q_out + 2 kv_out)
             a = self._attend(i, qkv, positions, kv, attn)                # (T, q_out)
-            h, residual = self._add_norm(self._linear(a, i, 1, "o", lora), residual, f"{i}.ln2")
+            h, residual = self._add_norm(self._linear(a, i, 1, "o", lora), residual, f"{i}.ln2", f"{i}.gu")
             fused = self.decode_gemm.get("gu_silu") if h.shape[0] <= self.decode_gemm_rows else None
             if fused is not None and (lora is None or not lora.sites[2]) and f"{i}.gu_b" not in self.w:
                 from rankwise.serve.kernels.triton_gemm import gate_up_silu
@@ -342,7 +350,8 @@ class LlamaFamilyModel:
                 else:
                     m = self.act(gu[:, : s.intermediate]) * gu[:, s.intermediate:]
             nxt = f"{i + 1}.ln1" if i + 1 < s.num_layers else "norm"
-            h, residual = self._add_norm(self._linear(m, i, 3, "d", lora), residual, nxt)
+            h, residual = self._add_norm(self._linear(m, i, 3, "d", lora), residual, nxt,
+                                         f"{i + 1}.qkv" if i + 1 < s.num_layers else "lm_head")
         return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

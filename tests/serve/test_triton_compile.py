@@ -58,18 +58,23 @@ def _compile_all(pdl: bool) -> None:
                                            "offB_ptr": "*i64", "rankB_ptr": "*i64", "r0_ptr": "*i64",
                                            "scale_ptr": "*fp32", "offG_ptr": "*i64"},
                  dict(BLOCK_T=16, BLOCK_N=256, BLOCK_R=32, IEEE=ieee, UP=False, PDL=pdl), **opts)
-        for rope in (True, False):
+        for rope, splits, prefetch in ((True, 1, False), (False, 1, False), (True, 3, True), (False, 2, True)):
             _compile(ta._paged_decode_kernel, {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "bt_ptr": "*i32",
                                                "ctx_ptr": "*i1" if rope else "*i32", "o_ptr": f"*{dt}",
                                                "cos_ptr": f"*{dt}", "sin_ptr": f"*{dt}", "pos_ptr": "*i64",
+                                               "part_ptr": "*fp32" if splits > 1 else f"*{dt}", "pf_ptr": "*bf16",
                                                "scale": "fp32"},
-                     dict(H=32, HKV=8, GROUP=4, BLOCK_G=16, D=64, BS=16, BLOCK_N=128, ROPE=rope, IEEE=ieee, UP=False,
-                          PDL=pdl), **opts)
+                     dict(H=32, HKV=8, GROUP=4, BLOCK_G=16, D=64, BS=16, BLOCK_N=128, SPLITS=splits, ROPE=rope,
+                          IEEE=ieee, UP=False, PDL=pdl, PREFETCH=prefetch), **opts)
+        _compile(ta._decode_combine_kernel, {"part_ptr": "*fp32", "o_ptr": f"*{dt}"},
+                 dict(H=32, D=64, SPLITS=3, BLOCK_S=4, PDL=pdl), **opts)
     for silu in (False, True):
         _compile(tg._skinny_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"},
                  dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SILU=silu, UP=False, PDL=pdl), **opts)
-    _compile(tf._add_rms_kernel, {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
-                                  "rout_ptr": "*bf16", "eps": "fp32"}, dict(HAS_RES=True, BLOCK=2048, PDL=pdl), **opts)
+    for prefetch in (False, True):
+        _compile(tf._add_rms_kernel, {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
+                                      "rout_ptr": "*bf16", "pf_ptr": "*bf16", "pf_bytes": "i64", "eps": "fp32"},
+                 dict(HAS_RES=True, BLOCK=2048, PDL=pdl, PREFETCH=prefetch), **opts)
     _compile(tf._silu_mul_kernel, {"gu_ptr": "*bf16", "out_ptr": "*bf16"}, dict(BLOCK=1024, PDL=pdl), **opts)
     _compile(ts._argmax_chunks_kernel, {"logits_ptr": "*bf16", "val_ptr": "*fp32", "idx_ptr": "*i32"},
              dict(CHUNK=2048, NCH=64, PDL=pdl), **opts)

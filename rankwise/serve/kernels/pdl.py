@@ -23,14 +23,19 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _CAPABLE: dict[int, bool] = {}
 
 
-def active(t: torch.Tensor) -> bool:
-    """Whether kernels on t's device launch with PDL now."""
-    if not ENABLED or _INTERPRET or not t.is_cuda:
+def capable(t: torch.Tensor) -> bool:
+    """Whether t lives on a GPU of compute capability 9.0 or later, outside Triton's CPU interpreter."""
+    if _INTERPRET or not t.is_cuda:
         return False
     dev = t.device.index if t.device.index is not None else torch.cuda.current_device()
     if dev not in _CAPABLE:
         _CAPABLE[dev] = torch.cuda.get_device_capability(dev)[0] >= 9
     return _CAPABLE[dev]
+
+
+def active(t: torch.Tensor) -> bool:
+    """Whether kernels on t's device launch with PDL now."""
+    return ENABLED and capable(t)
 
 
 def launch_options(t: torch.Tensor) -> dict:

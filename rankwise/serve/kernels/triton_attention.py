@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from rankwise.serve.kernels import pdl
+from rankwise.serve.kernels import l2_prefetch, pdl
+from rankwise.serve.kernels.l2_prefetch import prefetch_l2
 from rankwise.serve.kernels.triton_fused import rope_rows
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1, used by the CI parity tests) multiplies bf16 tiles wrongly in
@@ -76,15 +77,20 @@ def _paged_decode_kernel(
     sin_ptr,      # (max_pos, D) with ROPE
     pos_ptr,      # (B,) int64 with ROPE: position of the new token
     part_ptr,     # with SPLITS > 1: (B, H, SPLITS, D + 2) float32 partials [acc (unnormalised), m, l]
+    pf_ptr,       # with PREFETCH: the next GEMM's weights, pf_bytes of them brought into L2 (l2_prefetch.py)
+    pf_bytes,
     scale,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_btb, stride_ob, stride_oh, stride_cos,
     H: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
     BS: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, ROPE: tl.constexpr, IEEE: tl.constexpr,
-    UP: tl.constexpr, PDL: tl.constexpr,
+    UP: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    if PREFETCH:  # weights are constant: no wait needed; the copy engine fetches while this kernel waits on memory
+        prefetch_l2(pf_ptr, pf_bytes, (b * HKV + kvh) * SPLITS + split, tl.num_programs(0) * HKV * SPLITS,
+                    l2_prefetch.THREADS)
     offs_g = tl.arange(0, BLOCK_G)
     mask_g = offs_g < GROUP
     heads = kvh * GROUP + offs_g
@@ -256,12 +262,13 @@ def paged_decode_attention(
 def paged_decode_attention_rope(
     qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, active: torch.Tensor,
     k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, scale: float, num_heads: int,
+    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A decode layer's `rope_kv` then `paged_decode_attention` in one kernel. qkv: (B, (H + 2 H_kv) D) fused
     projections of one new token per row; cos, sin: (max_pos, D); positions: (B,) int64 position of the new token;
     active: (B,) bool. An active row's new key (rotated) and value go to its slot block_tables[b, pos // bs] * bs +
     pos % bs and it attends to its pos + 1 tokens; an idle row writes to the scratch block 0 and gets zeros.
-    Returns (B, H, D)."""
+    prefetch: a weight the next kernel reads, brought into L2 meanwhile when `l2_prefetch` is on. Returns (B, H, D)."""
     B = qkv.shape[0]
     H_kv, D = k_cache.shape[2], k_cache.shape[3]
     if qkv.dim() != 2 or qkv.shape[1] != (num_heads + 2 * H_kv) * D or qkv.stride(1) != 1:
@@ -274,7 +281,7 @@ def paged_decode_attention_rope(
     _check_cache(k_cache, v_cache, block_tables, None, B, num_heads, D)
     out = torch.empty((B, num_heads, D), dtype=qkv.dtype, device=qkv.device)
     _launch_decode(qkv, k_cache, v_cache, block_tables, active, out, scale, qkv.stride(0), D, num_heads,
-                   (cos, sin, positions))
+                   (cos, sin, positions), prefetch)
     return out
 
 
@@ -286,7 +293,7 @@ def paged_decode_attention_rope(
 DECODE_LAUNCH = {"block_n": None, "num_warps": 4, "num_stages": 3, "splits": 1}
 
 
-def _launch_decode(q, k_cache, v_cache, block_tables, lens, out, scale, stride_qb, stride_qh, H, rope):
+def _launch_decode(q, k_cache, v_cache, block_tables, lens, out, scale, stride_qb, stride_qh, H, rope, prefetch=None):
     B = out.shape[0]
     _, BS, H_kv, D = k_cache.shape
     group = H // H_kv
@@ -297,13 +304,15 @@ def _launch_decode(q, k_cache, v_cache, block_tables, lens, out, scale, stride_q
     cos, sin, pos = rope if rope is not None else (lens,) * 3  # unused without rope
     part = (torch.empty((B, H, splits, D + 2), dtype=torch.float32, device=out.device) if splits > 1
             else out)  # unused with one split
+    pf = l2_prefetch.launch_args(prefetch, out)
     _paged_decode_kernel[(B, H_kv, splits)](
-        q, k_cache, v_cache, block_tables, lens, out, cos, sin, pos, part, scale,
+        q, k_cache, v_cache, block_tables, lens, out, cos, sin, pos, part, pf["pf_ptr"], pf["pf_bytes"], scale,
         stride_qb, stride_qh, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), cos.stride(0) if rope is not None else 0,
         H=H, HKV=H_kv, GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=D, BS=BS,
         BLOCK_N=block_n, SPLITS=splits, ROPE=rope is not None, IEEE=out.dtype == torch.float32, UP=UPCAST,
         num_warps=DECODE_LAUNCH["num_warps"], num_stages=DECODE_LAUNCH["num_stages"], **pdl.launch_options(out),
+        PREFETCH=pf["PREFETCH"],
     )
     if splits > 1:
         _decode_combine_kernel[(B, H)](

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from rankwise.serve.kernels import pdl
+from rankwise.serve.kernels import l2_prefetch, pdl
+from rankwise.serve.kernels.l2_prefetch import prefetch_l2
 
 
 @triton.jit
@@ -25,10 +26,14 @@ def _add_rms_kernel(
     w_ptr,        # (N,)
     out_ptr,      # (T, N) normalised
     rout_ptr,     # (T, N) x + res, written when HAS_RES
+    pf_ptr,       # with PREFETCH: the next GEMM's weights, pf_bytes of them brought into L2 (l2_prefetch.py)
+    pf_bytes,
     N, eps, stride_x, stride_res, stride_out, stride_rout,
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    if PREFETCH:  # weights are constant: before the wait, while the kernel before still runs
+        prefetch_l2(pf_ptr, pf_bytes, tl.program_id(0), tl.num_programs(0), l2_prefetch.THREADS)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
@@ -47,10 +52,10 @@ def _add_rms_kernel(
              mask=mask)
 
 
-def add_rms(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+            prefetch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms(x + residual) * weight, x + residual); x, residual: (T, N); weight: (N,). Without a residual: (rms(x)
-    * weight, x)."""
+    * weight, x). prefetch: a weight the next kernel reads, brought into L2 meanwhile when `l2_prefetch` is on."""
     if x.dim() != 2 or x.stride(1) != 1 or weight.shape != (x.shape[1],):
         raise ValueError(f"x must be (T, N) with contiguous rows and weight (N,); got {tuple(x.shape)}, "
                          f"{tuple(weight.shape)}.")
@@ -60,10 +65,12 @@ def add_rms(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     out = torch.empty_like(x)
     rout = torch.empty_like(x) if residual is not None else x
     if x.shape[0]:
+        pf = l2_prefetch.launch_args(prefetch, x)
         _add_rms_kernel[(x.shape[0],)](
-            x, residual if residual is not None else x, weight, out, rout, x.shape[1], eps, x.stride(0),
-            residual.stride(0) if residual is not None else 0, out.stride(0), rout.stride(0),
-            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(x.shape[1]), **pdl.launch_options(x))
+            x, residual if residual is not None else x, weight, out, rout, pf["pf_ptr"], pf["pf_bytes"], x.shape[1],
+            eps, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), rout.stride(0),
+            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(x.shape[1]), PREFETCH=pf["PREFETCH"],
+            **pdl.launch_options(x))
     return out, rout
 
 
