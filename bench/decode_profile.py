@@ -44,7 +44,7 @@ ATTENTION_CASES = (
     {"block_n": 256, "num_warps": 8}, {"splits": 2}, {"splits": 2, "block_n": 64}, {"splits": 3, "block_n": 64},
     {"splits": 4, "block_n": 64}, {"splits": 6, "block_n": 32}, {"splits": 4, "block_n": 32, "num_warps": 2},
 )
-PREFETCH_MB = (8, 16, 32, 64)  # `l2_prefetch.LIMIT_MB` values compared with --attention
+PREFETCH_MB = (16, 64)  # `l2_prefetch.LIMIT_MB` values compared with --attention
 
 
 def setup_rows(engine: Engine, slots: list[int]) -> None:
@@ -264,7 +264,7 @@ def main() -> None:
     ap.add_argument("--gemms", action="store_true", help="also time skinny GEMM launch shapes against cuBLAS")
     ap.add_argument("--quick", action="store_true", help="only PDL on/off and the three LoRA orders")
     ap.add_argument("--attention", action="store_true",
-                    help="only the base step under decode attention launch shapes (split-context ones included)")
+                    help="only the base step with and without the L2 prefetch (kernels/l2_prefetch.py)")
     args = ap.parse_args()
     out: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     res_path = Path(args.out) / "decode_profile.json"
@@ -322,14 +322,8 @@ def main() -> None:
     none, one = [-1] * B, [slots[0]] * B
     case("base (PDL, tuned GEMMs)", none, None)
     if args.attention:
-        for attn in ({"splits": 2, "block_n": 64},):  # the best split of the full list (2026-12-06)
-            case(f"base attn {attn}", none, None, attn=attn)
         for mb in PREFETCH_MB:
             case(f"base L2 prefetch <= {mb} MB", none, None, prefetch_mb=mb)
-        for mb in PREFETCH_MB[:2]:
-            case(f"lora32 shrink_first L2 prefetch <= {mb} MB", slots, (True, True, False, False), order="shrink_first",
-                 prefetch_mb=mb)
-        case("lora32 shrink_first", slots, (True, True, False, False), order="shrink_first")
         case("base (PDL, tuned GEMMs) again", none, None)
         out["graph_step_ms"] = steps
         save()
