@@ -47,3 +47,42 @@ def test_fused_kernels_match_pytorch_interpreter(dtype):
 @pytest.mark.gpu
 def test_fused_kernels_match_pytorch_real_sizes_gpu():
     _check("cuda", torch.bfloat16, T=24, H=32, H_kv=8, D=64, N=2048, I=8192)
+
+
+def test_l2_prefetch_is_off_on_cpu_and_when_disabled(monkeypatch):
+    from rankwise.serve.kernels import l2_prefetch
+
+    w = torch.zeros(64, 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(l2_prefetch, "ENABLED", True)
+    assert l2_prefetch.target(w) == (None, 0), "no prefetch off the GPU (nor in the interpreter)"
+    args = l2_prefetch.launch_args(w, w)
+    assert args["PREFETCH"] is False and args["pf_bytes"] == 0
+
+
+@pytest.mark.gpu
+def test_l2_prefetch_changes_no_result_gpu(monkeypatch):
+    # the decode attention and add + RMSNorm with the prefetch of a 64 MB weight: outputs and cache bit-identical
+    from rankwise.serve.kernels import l2_prefetch
+    from rankwise.serve.kernels.triton_attention import paged_decode_attention_rope
+    from rankwise.serve.kernels.triton_fused import add_rms
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda").to(torch.bfloat16)
+    B, H, Hkv, D, bs, NB = 32, 32, 8, 64, 16, 600
+    weight = r(16384, 2048)
+    qkv, cos, sin = r(B, (H + 2 * Hkv) * D), r(1024, D), r(1024, D)
+    kc, vc = r(NB, bs, Hkv, D), r(NB, bs, Hkv, D)
+    tables = torch.randperm(NB - 1, device="cuda", generator=g)[: B * 16].add(1).view(B, 16).to(torch.int32)
+    pos = torch.randint(0, 256, (B,), device="cuda", generator=g)
+    active = torch.ones(B, dtype=torch.bool, device="cuda")
+    x, res, w = r(B, 2048), r(B, 2048), r(2048)
+    outs = {}
+    for on in (False, True):
+        monkeypatch.setattr(l2_prefetch, "ENABLED", on)
+        monkeypatch.setattr(l2_prefetch, "LIMIT_MB", 64.0)
+        assert (l2_prefetch.target(weight)[1] == 64 * 2 ** 20) == on
+        k, v = kc.clone(), vc.clone()
+        o = paged_decode_attention_rope(qkv, cos, sin, pos, active, k, v, tables, D ** -0.5, H, prefetch=weight)
+        outs[on] = (o, k, v, *add_rms(x, res, w, 1e-5, prefetch=weight))
+    for a, b in zip(outs[False], outs[True]):
+        assert torch.equal(a, b)
