@@ -14,7 +14,10 @@ lengths; a row of length 0 writes zeros. With `paged_decode_attention_rope` the 
 step's rotary embedding and cache write (`rope_kv`'s work) from the fused qkv row: it rotates the group's queries
 and its KV head's new key, stores the key and value in the cache, attends over the cached tokens before it and
 adds the new token from registers, so a decode layer has no separate rotary kernel and never reads back what it
-just wrote.
+just wrote. With `DECODE_LAUNCH["splits"] = S > 1` (split-context, "flash-decoding") each (sequence, KV head) is
+S programs over equal runs of whole tiles that write their (acc, m, l) partials, and `_decode_combine_kernel`
+merges them: out = sum_s e^{m_s - M} acc_s / sum_s e^{m_s - M} l_s, M = max_s m_s (no gain at batch 32 and
+context 192, docs/BENCHMARKS.md; for few rows with long contexts).
 
 Prefill: the step's prompts lie back to back; token t attends to tokens [seq_start[t], t]. One program per
 (BLOCK_M queries, head) walks the keys from the first prompt start in its block up to its last query, masking per
