@@ -13,13 +13,20 @@ times c = min(1, Pb / P):
 
     s_i(t) = s_i(0) * c(t)          sum_i s_i(t) r_i(t) (in_i + out_i) <= sum_i s_i(0) rb_i (in_i + out_i)
 
-so the parameter-weighted sum of scales, the update size per step, is the budget's. c reaches 1 when the adapter
-is pruned down to the budget and stays there. When c changes from c0 to c1 the function is kept: B (and the
-LoRA bias, which the scale multiplies too) is multiplied by c0 / c1, and the optimizer's running moments of
-those tensors follow their gradients, which scale by c1 / c0 (Adam's exp_avg by c1 / c0, exp_avg_sq by
-(c1 / c0)^2, SGD's momentum by c1 / c0), so the next Adam step has the size it would have had, in s * B.
-`into="rank_vector"` folds into the per-component vector e instead of B (AdaLoRA: its orthogonality term
-wants P = B with orthonormal columns, and the singular values are what it rescales anyway).
+so the parameter-weighted sum of scales is the budget's. c reaches 1 when the adapter is pruned down to the
+budget and stays there. When c changes from c0 to c1 the function is kept: B (and the LoRA bias, which the scale
+multiplies too) is multiplied by c0 / c1, and the optimizer's running moments of those tensors follow their
+gradients, which scale by c1 / c0 (Adam's exp_avg by c1 / c0, exp_avg_sq by (c1 / c0)^2, SGD's momentum by
+c1 / c0), so the next Adam step has the size it would have had, in s * B.
+
+What is matched, exactly. A step changes dW = s B A by s (dB A + B dA) (+ the gate or singular-value term). Adam's
+steps dA, dB have a size set by the learning rate, so with s -> c s and B -> B / c the B path s dB A scales by c
+and the A path s B dA does not. B starts at zero, so early in training, while the allocator is above its budget,
+the B path is nearly all of the update and the match is close; it is not exact once B has grown. With
+`into="rank_vector"` (AdaLoRA: dW = s P diag(e) Q; its orthogonality term wants P, Q orthonormal) only the e path
+scales, and the P and Q paths, which carry most of the update, do not: there `match_update` changes almost
+nothing (GSM8K on CPU, seed 0: 0.9081 with it, 0.9080 without; docs/BENCHMARKS.md), which is why it is off for
+AdaLoRA. The `@scale` benchmark controls (alpha itself lowered, no fold) scale every path.
 """
 
 from __future__ import annotations
