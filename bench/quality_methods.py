@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from bench.quality_tasks import MINILM_TARGETS, SMOLLM_TARGETS, Task, batch_plan, collate, evaluate
+from rankwise.optim_groups import loraplus_param_groups
 
 PEFT_METHODS = ("peft-lora", "peft-adalora")
 CALIBRATION_BATCHES = 8  # as rankwise.train.runner
@@ -319,7 +320,10 @@ def run_row(job: dict[str, Any], base: nn.Module, task: Task, pad_id: int) -> di
         hook, count = setup_rankwise(method, model, task, k, budget_params, steps, seed, calibration, loss_fn, heldout,
                                      modules_to_save, job.get("allocator_options", {}))
         allocated = count
-    params = [p for p in model.parameters() if p.requires_grad]
+    if method in PEFT_METHODS:
+        params: list = [p for p in model.parameters() if p.requires_grad]
+    else:  # the same update (one lr, no decay) in groups named as rankwise's (match_update_by="lr" needs them)
+        params = loraplus_param_groups(model, job["lr"], ratio=1.0, weight_decay=0.0)
     optimizer = torch.optim.AdamW(params, lr=job["lr"], weight_decay=0.0)
     scheduler = linear_schedule(optimizer, steps, job["warmup_ratio"])
     if hook is not None and hasattr(hook, "attach"):

@@ -67,10 +67,13 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 class AllocatorConfig:
     """Knobs shared by allocators; each method subclasses it with its own (all with defaults).
 
-    match_update: while the adapter holds more parameters than the budget, lower every scale by budget / params
-    (function kept), so that the update per step is fixed-rank LoRA's at the budget (`update_scale`)."""
+    match_update: while the adapter holds more parameters than the budget, lower its update by budget / params,
+    so that the update per step is fixed-rank LoRA's at the budget (`update_scale`).
+    match_update_by: how: "fold" lowers every scale and folds B (or the rank vector) so the function is kept (the
+    B path of the update is matched); "lr" lowers the adapter param groups' learning rate instead (every path)."""
 
     match_update: bool = False
+    match_update_by: str = "fold"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -123,6 +126,10 @@ class Allocator(ABC):
         self.update_factor = 1.0  # c of `update_scale`: every scale is its injected value times c
         self.update_synced = False
         self.defer_sync = False  # inside `batch_resizes`: one rescale after the batch, not one per resize
+        if self.config.match_update_by not in ("fold", "lr"):
+            raise ValueError(f"{type(self.config).__name__}.match_update_by={self.config.match_update_by!r}: use "
+                             "'fold' (scales and B) or 'lr' (the adapter groups' learning rate).")
+        self._lr_hook = None
 
     # ---- hooks (override as needed) -------------------------------------------------------------
     def prepare(self, batches: BatchSource | None = None, loss_fn: LossFn = default_loss) -> None:
@@ -130,6 +137,13 @@ class Allocator(ABC):
 
     def attach(self, optimizer: torch.optim.Optimizer | None) -> None:
         self.optimizer = optimizer
+        if self._lr_hook is not None:
+            self._lr_hook.remove()
+            self._lr_hook = None
+        if optimizer is not None and self.config.match_update and self.config.match_update_by == "lr":
+            update_scale.adapter_groups(optimizer)  # a clear error now, not at the first step
+            self._lr_hook = optimizer.register_step_pre_hook(
+                lambda opt, args, kwargs: update_scale.scale_adapter_lr(opt, self.update_factor))
         if not self.update_synced:  # once: a resume attaches again, then loads the factor it saved
             self.sync_update_scale()
 
@@ -189,6 +203,10 @@ class Allocator(ABC):
         if not self.config.match_update:
             return
         factor = update_scale.update_factor(self.current_params(), self.budget_params)
+        if self.config.match_update_by == "lr":  # applied to the learning rate before each optimizer step
+            self.update_factor = factor
+            self.update_synced = True
+            return
         update_scale.rescale_adapters(list(self.modules.values()), self.update_factor, factor, self.optimizer,
                                       into=self.fold_scale_into)
         self.update_factor = factor

@@ -27,6 +27,12 @@ the B path is nearly all of the update and the match is close; it is not exact o
 scales, and the P and Q paths, which carry most of the update, do not: there `match_update` changes almost
 nothing (GSM8K on CPU, seed 0: 0.9081 with it, 0.9080 without; docs/BENCHMARKS.md), which is why it is off for
 AdaLoRA. The `@scale` benchmark controls (alpha itself lowered, no fold) scale every path.
+
+`match_update_by="lr"` matches every path instead: no fold and no scale change, but the learning rate of the
+adapter's param groups (those named by `rankwise.optim_groups`: lora_A, lora_B, lora_B_no_decay, embedding) is
+multiplied by c before each optimizer step (`scale_adapter_lr`, an optimizer step pre-hook), so Adam's steps on A,
+B, gates and singular values all shrink by c while the allocator is above its budget. The scheduler's value is
+kept as the base each step; the head ("other" groups) keeps its rate.
 """
 
 from __future__ import annotations
@@ -80,3 +86,29 @@ def rescale_adapters(adapters: list[LoraAdapter], old: float, new: float,
     for power, values in moments.items():
         if values:
             torch._foreach_mul_(values, fold ** -power)  # the gradient of B scales by new / old
+
+
+ADAPTER_GROUPS = ("lora_A", "lora_B", "lora_B_no_decay", "embedding")  # rankwise.optim_groups names
+
+
+def adapter_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """The optimizer's param groups that hold adapter parameters (by rankwise.optim_groups' names); raises if the
+    optimizer was built without those names."""
+    groups = [g for g in optimizer.param_groups if g.get("name") in ADAPTER_GROUPS]
+    if not groups:
+        raise ValueError("match_update_by='lr' needs an optimizer whose adapter param groups are named (build it from "
+                         "rankwise.optim_groups.loraplus_param_groups(model, lr), ratio=1 for plain LoRA); got groups "
+                         f"named {[g.get('name') for g in optimizer.param_groups]}.")
+    return groups
+
+
+@torch.no_grad()
+def scale_adapter_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Set each adapter group's lr to its base times `factor`. The base is the group's lr as the scheduler (or the
+    user) last set it: if the lr is still the value this function wrote, the stored base is reused (no
+    compounding without a scheduler); otherwise the current lr is the new base."""
+    for g in adapter_groups(optimizer):
+        base = g["rankwise_base_lr"] if g.get("rankwise_scaled_lr") == g["lr"] else g["lr"]
+        g["rankwise_base_lr"] = base
+        g["lr"] = base * factor
+        g["rankwise_scaled_lr"] = g["lr"]

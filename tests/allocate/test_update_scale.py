@@ -124,3 +124,39 @@ def test_adalora_folds_the_rescale_into_its_singular_values():
     B, e = adapter.lora_B.detach().clone(), adapter.rank_vector.detach().clone()
     rescale_adapters([adapter], 1.0, 2.0, rescaled.opt, into="rank_vector")
     assert torch.equal(adapter.lora_B, B) and torch.allclose(adapter.rank_vector, e / 2)
+
+
+def _lr_mode_run():
+    from rankwise.optim_groups import loraplus_param_groups, param_group
+
+    run = build("sora", BUDGET, STEPS, PLAIN)
+    run.alloc.config.match_update, run.alloc.config.match_update_by = True, "lr"
+    run.opt = torch.optim.Adam(loraplus_param_groups(run.model, 1e-2, ratio=1.0), lr=1e-2)
+    run.alloc.attach(run.opt)
+    return run, lambda name: param_group(run.opt, name)
+
+
+def test_lr_mode_scales_the_adapter_learning_rate_not_the_adapter():
+    run, group = _lr_mode_run()
+    scales = {n: a.scale for n, a in run.alloc.modules.items()}
+    assert run.alloc.update_factor == pytest.approx(0.5), "2048 params, budget 1024"
+    assert group("lora_A")["lr"] == 1e-2, "applied before each step, not at attach"
+    run.train(1, 1)
+    for name in ("lora_A", "lora_B", "lora_B_no_decay"):
+        assert group(name)["lr"] == pytest.approx(0.5e-2), name
+    assert group("other")["lr"] == 1e-2, "the rest of the model keeps its rate"
+    assert {n: a.scale for n, a in run.alloc.modules.items()} == scales, "no fold: scales stay as injected"
+    run.train(2, 2)  # no scheduler: the stored base is reused, the factor does not compound
+    assert group("lora_A")["lr"] == pytest.approx(1e-2 * run.alloc.update_factor)
+    group("lora_A")["lr"] = 4e-2  # a scheduler (or the user) sets a new base
+    run.train(3, 3)
+    assert group("lora_A")["lr"] == pytest.approx(4e-2 * run.alloc.update_factor)
+    run.train(4, STEPS)
+    assert run.alloc.update_factor == 1.0 and group("lora_B")["lr"] == pytest.approx(1e-2), "at the budget: lr as set"
+
+
+def test_lr_mode_needs_named_groups_and_a_known_mode():
+    with pytest.raises(ValueError, match="loraplus_param_groups"):
+        build("sora", BUDGET, STEPS, {**MATCH, "match_update_by": "lr"})  # checks.Run's plain Adam has no names
+    with pytest.raises(ValueError, match="match_update_by='learning_rate'"):
+        build("sora", BUDGET, STEPS, {**MATCH, "match_update_by": "learning_rate"})
