@@ -189,13 +189,15 @@ class Allocator(ABC):
     @contextlib.contextmanager
     def batch_resizes(self):
         """Resizes inside share one `sync_update_scale` at the end (a decision that resizes many modules would
-        otherwise rescale every adapter once per module)."""
+        otherwise rescale every adapter once per module). Nested batches sync once, at the outermost end."""
+        outer = not self.defer_sync
         self.defer_sync = True
         try:
             yield
         finally:
-            self.defer_sync = False
-            self.sync_update_scale()
+            if outer:
+                self.defer_sync = False
+                self.sync_update_scale()
 
     def sync_update_scale(self) -> None:
         """With `match_update`, set every scale to its injected value times min(1, budget / params), keeping
@@ -203,12 +205,9 @@ class Allocator(ABC):
         if not self.config.match_update:
             return
         factor = update_scale.update_factor(self.current_params(), self.budget_params)
-        if self.config.match_update_by == "lr":  # applied to the learning rate before each optimizer step
-            self.update_factor = factor
-            self.update_synced = True
-            return
-        update_scale.rescale_adapters(list(self.modules.values()), self.update_factor, factor, self.optimizer,
-                                      into=self.fold_scale_into)
+        if self.config.match_update_by == "fold":  # "lr": the pre-step hook applies the factor to the lr
+            update_scale.rescale_adapters(list(self.modules.values()), self.update_factor, factor, self.optimizer,
+                                          into=self.fold_scale_into)
         self.update_factor = factor
         self.update_synced = True
 

@@ -46,8 +46,9 @@ At export the gates fold into B (B' = B diag(g)), a plain LoRA.
 
 The update size (match_update, on by default since 2026-12-06): injected above the budget, SoRA would take larger
 steps than fixed rank at the budget until it is pruned down (every component has the scale alpha / r0). The scales
-are lowered to budget / params of their injected value and rise to it as ranks are removed, so an improvement over
-fixed rank at the same budget is the allocation's, not a higher effective learning rate (docs/BENCHMARKS.md).
+are lowered to budget / params of their injected value and rise to it as ranks are removed. The fold matches the
+B path of the update, not the A path (rankwise.allocate.update_scale), so part of a gain over fixed rank can still
+be update size: with every path matched (match_update_by="lr") SoRA lost to fixed rank on GSM8K (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ class SoraConfig(AllocatorConfig):
     total_steps) and final_steps (None: 20%) shape the parameter schedule; schedule: "prune" or "xi" (see the
     module docstring); score: what the budget ranks ranks by, "contribution" (|g| ||b|| ||a||) or "gate" (|g|);
     xi_growth: factor on m per check and max_xi_mult (schedule="xi"); match_update (default on): scales follow
-    budget / params while above the budget, so the update per step is fixed rank's (rankwise.allocate.update_scale;
-    off: the update is as large as the injected rank's, 1.5x fixed rank's at the start with the CLI's set-up)."""
+    budget / params while above the budget, so the B path of the update is fixed rank's (rankwise.allocate.
+    update_scale; off: the update is as large as the injected rank's, 1.5x fixed rank's at the start with the CLI's
+    set-up)."""
 
     match_update: bool = True
     xi: float = 3e-4

@@ -21,7 +21,7 @@ import os
 
 import torch
 import triton
-import triton.language as tl  # noqa: F401  (triton: the jit decorator)
+import triton.language as tl
 
 from rankwise.serve.kernels import pdl
 

@@ -127,8 +127,8 @@ def _paged_decode_kernel(
         k_row = row + (H + kvh) * D
         k_new = rope_rows(tl.load(k_row + offs_d)[None, :], tl.load(k_row + rot_d)[None, :], sign, cos, sin, dt)
         v_new = tl.load(row + (H + HKV + kvh) * D + offs_d)[None, :]                              # (1, D)
-        first = (tl.zeros((1, D), tl.int32) + split) == 0  # split 0 writes the new key and value
-        tl.store(k_ptr + c_off + offs_d[None, :], k_new, mask=first)
+        first = (tl.zeros((1, D), tl.int32) + split) == 0  # split 0 writes the new key and value (a (1, D) mask:
+        tl.store(k_ptr + c_off + offs_d[None, :], k_new, mask=first)  # the interpreter takes no scalar one)
         tl.store(v_ptr + c_off + offs_d[None, :], v_new, mask=first)
     else:
         if PDL:
