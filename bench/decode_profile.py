@@ -8,6 +8,8 @@ its replays with CUDA events:
   - one torch.profiler trace per case: device time per kernel, busy time (union of kernel intervals) per step;
   - LoRA orders (EngineConfig.lora_order), forced skinny q/k/v/o GEMMs, decode attention launch shapes;
   - with --gemms: candidate skinny GEMMs (`kernels/triton_gemm.py`) against cuBLAS at the step's shapes;
+  - with --split (alone): the base step tuned, without split-K, with forced split-K o / down projections (reduced in
+    the add + RMSNorm after them), with the L2 prefetch; the warm-up's tuning timings; the base step's kernels;
   - a prefill step of PREFILL_T tokens (the serving benchmark's mean step is ~290) as a graph: no LoRA, one
     adapter, four adapters; LoRA orders, K split, 32 tokens per LoRA block (`PrefillRunner.lora_launch`,
     `block_t`); its kernels from the profiler.
@@ -44,7 +46,16 @@ ATTENTION_CASES = (
     {"block_n": 256, "num_warps": 8}, {"splits": 2}, {"splits": 2, "block_n": 64}, {"splits": 3, "block_n": 64},
     {"splits": 4, "block_n": 64}, {"splits": 6, "block_n": 32}, {"splits": 4, "block_n": 32, "num_warps": 2},
 )
-PREFETCH_MB = (16, 64)  # `l2_prefetch.LIMIT_MB` values compared with --attention
+PREFETCH_MB = (16, 64)  # `l2_prefetch.LIMIT_MB` values compared with --attention and --split
+
+
+def _split_cases():
+    from rankwise.serve.kernels.triton_gemm import SplitLaunch
+
+    return (SplitLaunch(2, 32, 256), SplitLaunch(4, 32, 256), SplitLaunch(4, 16, 256), SplitLaunch(8, 32, 128))
+
+
+SPLIT_CASES = _split_cases()  # forced split-K launches compared with --split
 
 
 def setup_rows(engine: Engine, slots: list[int]) -> None:
@@ -265,6 +276,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="only PDL on/off and the three LoRA orders")
     ap.add_argument("--attention", action="store_true",
                     help="only the base step with and without the L2 prefetch (kernels/l2_prefetch.py)")
+    ap.add_argument("--split", action="store_true",
+                    help="only the base step: tuned, without / with forced split-K o and down projections, with the "
+                         "L2 prefetch; then its kernels")
     args = ap.parse_args()
     out: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     res_path = Path(args.out) / "decode_profile.json"
@@ -321,6 +335,37 @@ def main() -> None:
 
     none, one = [-1] * B, [slots[0]] * B
     case("base (PDL, tuned GEMMs)", none, None)
+    if args.split:
+        from rankwise.serve.kernels import triton_gemm as tg
+
+        out["tuning_us"] = tg.TIMINGS
+        save()
+        unsplit = {k: v for k, v in tuned.items() if not k.endswith("_split")}
+        case("base, no split-K", none, None, gemm=unsplit)
+        for c in SPLIT_CASES:
+            case(f"base, split-K o/down {tuple(vars(c).values())}", none, None,
+                 gemm=dict(unsplit, o_split=c, d_split=c))
+            case(f"base, split-K down only {tuple(vars(c).values())}", none, None, gemm=dict(unsplit, d_split=c))
+        for mb in PREFETCH_MB:
+            case(f"base L2 prefetch <= {mb} MB", none, None, prefetch_mb=mb)
+        case("base (PDL, tuned GEMMs) again", none, None)
+        out["graph_step_ms"] = steps
+        save()
+        setup_rows(engine, none)
+        graph_step_ms(engine, None, replays=5)
+        out["profile"] = {"base graph": profile_case(engine, None)}
+        save()
+        p = out["profile"]["base graph"]
+        print(f"\n== base graph: {p.get('kernels_per_step', 0):.0f} kernels/step, busy {p.get('busy_us', 0):.0f} us")
+        for name, us in list(p.get("by_kernel_us", {}).items())[:14]:
+            print(f"  {us:8.1f} us  x{p['count_per_step'][name]:<5.0f} {name}")
+        print("\n== tuning (us per call, graphs over the 16 layers' weights) ==")
+        for k, v in tg.TIMINGS.items():
+            print(k, {c: round(us, 2) for c, us in v.items()})
+        print("\n== graph step ms (batch 32, context 192) ==")
+        for k, v in steps.items():
+            print(f"{k:<56} {v if isinstance(v, str) else f'{v:.4f}'}")
+        return
     if args.attention:
         for mb in PREFETCH_MB:
             case(f"base L2 prefetch <= {mb} MB", none, None, prefetch_mb=mb)

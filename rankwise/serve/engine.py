@@ -413,16 +413,22 @@ class Engine:
 
     def _tune_decode_gemms(self) -> None:
         """Per weight, the skinny Triton GEMM (`kernels/triton_gemm.py`) for decode steps where it beats cuBLAS at
-        max_num_seqs rows, and the gate/up GEMM with the SiLU-mul fused (bf16 / fp16 models with Triton attention)."""
+        max_num_seqs rows, the gate/up GEMM with the SiLU-mul fused, and split-K o / down projections reduced in the
+        add + RMSNorm after them, each where it is faster (bf16 / fp16 models with Triton attention)."""
         M = self.config.max_num_seqs
         if self.attention_backend != "triton" or self.dtype not in (torch.bfloat16, torch.float16) or M > 64:
             return
-        from rankwise.serve.kernels.triton_gemm import tune_skinny
+        from rankwise.serve.kernels.triton_gemm import tune_skinny, tune_split
 
-        w = self.model.w
-        choice = {k: tune_skinny(w[f"0.{k}"], M, False) for k in ("qkv", "o", "gu", "d")}
-        if self.model.spec.hidden_act == "silu":
-            choice["gu_silu"] = tune_skinny(w["0.gu"], M, True)
+        w, spec = self.model.w, self.model.spec
+        layers = lambda k: [w[f"{i}.{k}"] for i in range(spec.num_layers)]  # noqa: E731
+        choice = {k: tune_skinny(layers(k), M, False) for k in ("qkv", "o", "gu", "d")}
+        if spec.hidden_act == "silu":
+            choice["gu_silu"] = tune_skinny(layers("gu"), M, True)
+        # o and down feed the residual add + RMSNorm, which can take their split-K parts (no reduce kernel)
+        for k, norm in (("o", "0.ln2"), ("d", "1.ln1" if spec.num_layers > 1 else "norm")):
+            if f"0.{k}_b" not in w:
+                choice[f"{k}_split"] = tune_split(layers(k), M, w[norm], spec.rms_eps, choice[k])
         self.model.decode_gemm = {k: v for k, v in choice.items() if v is not None}
         self.model.decode_gemm_rows = M
 

@@ -241,6 +241,18 @@ class LlamaFamilyModel:
         bias = self.w.get(f"{layer}.{key}_b")
         return out if bias is None else out + bias
 
+    def _linear_into_norm(self, x: torch.Tensor, layer: int, site: int, key: str, lora: LoraContext | None
+                          ) -> torch.Tensor:
+        """A projection whose output goes only into the residual add + RMSNorm: for decode-sized steps with a tuned
+        split (`decode_gemm[key + "_split"]`), no LoRA at this site and no bias, its float32 split-K parts
+        (S, T, out), which `add_rms` sums; otherwise `_linear`'s (T, out)."""
+        split = self.decode_gemm.get(f"{key}_split") if x.shape[0] <= self.decode_gemm_rows else None
+        if split is None or (lora is not None and lora.sites[site]) or f"{layer}.{key}_b" in self.w:
+            return self._linear(x, layer, site, key, lora)
+        from rankwise.serve.kernels.triton_gemm import skinny_partials
+
+        return skinny_partials(x, self.w[f"{layer}.{key}"], **vars(split))
+
     def _attend(self, layer: int, qkv: torch.Tensor, positions: torch.Tensor, kv: KVCache,
                 attn: AttnBatch) -> torch.Tensor:
         """Rotary, cache write and attention of the step's new tokens: qkv (T, q_out + 2 kv_out) -> (T, q_out)."""
@@ -299,7 +311,7 @@ class LlamaFamilyModel:
         if self.use_triton:
             from rankwise.serve.kernels.triton_fused import add_rms
 
-            pf = self._prefetch(x.shape[0], prefetch) if prefetch is not None else None
+            pf = self._prefetch(x.shape[-2], prefetch) if prefetch is not None else None  # x may be split-K parts
             return add_rms(x, residual, self.w[key], self.spec.rms_eps, prefetch=pf)
         r = x if residual is None else residual + x
         return _rms(r, self.w[key], self.spec.rms_eps), r
@@ -335,7 +347,7 @@ class LlamaFamilyModel:
         for i in range(s.num_layers):
             qkv = self._linear(h, i, 0, "qkv", lora)                     # (T, q_out + 2 kv_out)
             a = self._attend(i, qkv, positions, kv, attn)                # (T, q_out)
-            h, residual = self._add_norm(self._linear(a, i, 1, "o", lora), residual, f"{i}.ln2", f"{i}.gu")
+            h, residual = self._add_norm(self._linear_into_norm(a, i, 1, "o", lora), residual, f"{i}.ln2", f"{i}.gu")
             fused = self.decode_gemm.get("gu_silu") if h.shape[0] <= self.decode_gemm_rows else None
             if fused is not None and (lora is None or not lora.sites[2]) and f"{i}.gu_b" not in self.w:
                 from rankwise.serve.kernels.triton_gemm import gate_up_silu
@@ -350,7 +362,7 @@ class LlamaFamilyModel:
                 else:
                     m = self.act(gu[:, : s.intermediate]) * gu[:, s.intermediate:]
             nxt = f"{i + 1}.ln1" if i + 1 < s.num_layers else "norm"
-            h, residual = self._add_norm(self._linear(m, i, 3, "d", lora), residual, nxt,
+            h, residual = self._add_norm(self._linear_into_norm(m, i, 3, "d", lora), residual, nxt,
                                          f"{i + 1}.qkv" if i + 1 < s.num_layers else "lm_head")
         return h
 

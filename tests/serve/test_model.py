@@ -23,15 +23,28 @@ def _tiny(family: str, hidden: int = 32):
 
 
 @pytest.mark.parametrize("family,backend", [("llama", "reference"), ("qwen2", "reference"), ("mistral", "reference"),
-                                            ("llama", "triton")])
-def test_prefill_and_decode_logits_equal_transformers(family, backend):
-    # backend "triton": fused norm / rotary+cache / silu kernels and paged attention (CPU interpreter here)
+                                            ("llama", "triton"), ("llama", "triton-split")])
+def test_prefill_and_decode_logits_equal_transformers(family, backend, monkeypatch):
+    # backend "triton": fused norm / rotary+cache / silu kernels and paged attention (CPU interpreter here);
+    # "triton-split": also the decode steps' o and down projections as split-K parts reduced in add + RMSNorm
+    split = backend == "triton-split"
+    backend = "triton" if split else backend
     hf = _tiny(family, hidden=32 if backend == "reference" else 64)
     if family == "qwen2":
         with torch.no_grad():
             for layer in hf.model.layers:
                 layer.self_attn.q_proj.bias.normal_()
     model = LlamaFamilyModel.from_hf(hf, torch.float32, torch.device("cpu"), attention_backend=backend)
+    if split:  # o: K = 64 in 2 parts; down: K = 48 in 3 parts; only for steps of <= 2 rows (the decode steps)
+        from rankwise.serve.kernels.triton_gemm import SplitLaunch
+
+        from rankwise.serve.kernels import triton_gemm
+
+        model.decode_gemm = {"o_split": SplitLaunch(2, 16, 32), "d_split": SplitLaunch(3, 16, 16)}
+        model.decode_gemm_rows = 2
+        calls, partials = [], triton_gemm.skinny_partials
+        monkeypatch.setattr(triton_gemm, "skinny_partials",
+                            lambda *a, **k: calls.append(k["split"]) or partials(*a, **k))
     s = model.spec
     kv = KVCache(s.num_layers, 12, 4, s.num_kv_heads, s.head_dim, torch.float32, torch.device("cpu"))
     ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1))
@@ -48,6 +61,8 @@ def test_prefill_and_decode_logits_equal_transformers(family, backend):
                                AttnBatch(torch.tensor([slot(0, p), slot(1, p)]), block_tables=tables,
                                          context_lens=torch.tensor([p + 1, p + 1], dtype=torch.int32)))
         torch.testing.assert_close(model.logits(hidden), ref[:, p], atol=1e-5, rtol=1e-5)
+    if split:  # 4 decode steps x 2 layers x (o, down); the prefill (14 rows) does not split
+        assert calls == [2, 3] * 2 * 4
 
 
 def test_unsupported_family_names_the_supported_ones():

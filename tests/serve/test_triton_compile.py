@@ -70,11 +70,14 @@ def _compile_all(pdl: bool) -> None:
                  dict(H=32, D=64, SPLITS=3, BLOCK_S=4, PDL=pdl), **opts)
     for silu in (False, True):
         _compile(tg._skinny_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"},
-                 dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SILU=silu, UP=False, PDL=pdl), **opts)
-    for prefetch in (False, True):
-        _compile(tf._add_rms_kernel, {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
-                                      "rout_ptr": "*bf16", "pf_ptr": "*bf16", "pf_bytes": "i64", "eps": "fp32"},
-                 dict(HAS_RES=True, BLOCK=2048, PDL=pdl, PREFETCH=prefetch), **opts)
+                 dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, SILU=silu, UP=False, PARTIAL=False, PDL=pdl), **opts)
+    _compile(tg._skinny_kernel, {"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*fp32"},  # split-K parts
+             dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=256, SILU=False, UP=False, PARTIAL=True, PDL=pdl), **opts)
+    for prefetch, parts in ((False, 0), (True, 0), (False, 4)):
+        _compile(tf._add_rms_kernel, {"x_ptr": "*fp32" if parts else "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16",
+                                      "out_ptr": "*bf16", "rout_ptr": "*bf16", "pf_ptr": "*bf16", "pf_bytes": "i64",
+                                      "eps": "fp32"},
+                 dict(HAS_RES=True, BLOCK=2048, PARTS=parts, PDL=pdl, PREFETCH=prefetch), **opts)
     _compile(tf._silu_mul_kernel, {"gu_ptr": "*bf16", "out_ptr": "*bf16"}, dict(BLOCK=1024, PDL=pdl), **opts)
     _compile(ts._argmax_chunks_kernel, {"logits_ptr": "*bf16", "val_ptr": "*fp32", "idx_ptr": "*i32"},
              dict(CHUNK=2048, NCH=64, PDL=pdl), **opts)

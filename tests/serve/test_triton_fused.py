@@ -19,6 +19,12 @@ def _check(device, dtype, T, H, H_kv, D, N, I):
     torch.testing.assert_close(rsum, res + x, **tol)  # the interpreter rounds bf16 by truncation; GPUs to nearest
     torch.testing.assert_close(out, _rms(res + x, w, 1e-5), **tol)
     torch.testing.assert_close(add_rms(x, None, w, 1e-5)[0], _rms(x, w, 1e-5), **tol)
+    parts = torch.randn(3, T, N, generator=g).to(device)                  # split-K float32 parts of a GEMM's x
+    xs = parts.sum(0).to(dtype)
+    out, rsum = add_rms(parts, res, w, 1e-5)
+    assert out.dtype == rsum.dtype == dtype
+    torch.testing.assert_close(rsum, res + xs, **tol)
+    torch.testing.assert_close(out, _rms(res + xs, w, 1e-5), **tol)
 
     qkv = r(T, (H + 2 * H_kv) * D)
     cos, sin = r(64, D), r(64, D)
@@ -86,3 +92,15 @@ def test_l2_prefetch_changes_no_result_gpu(monkeypatch):
         outs[on] = (o, k, v, *add_rms(x, res, w, 1e-5, prefetch=weight))
     for a, b in zip(outs[False], outs[True]):
         assert torch.equal(a, b)
+
+
+def test_add_rms_rejects_parts_without_residual_or_not_float32():
+    from rankwise.serve.kernels.triton_fused import add_rms
+
+    parts, res, w = torch.zeros(2, 3, 8), torch.zeros(3, 8), torch.ones(8)
+    with pytest.raises(ValueError, match="come with a residual"):
+        add_rms(parts, None, w, 1e-5)
+    with pytest.raises(ValueError, match="float32"):
+        add_rms(parts.half(), res.half(), w.half(), 1e-5)
+    with pytest.raises(ValueError, match="residual must match"):
+        add_rms(parts, torch.zeros(4, 8), w, 1e-5)

@@ -30,6 +30,48 @@ def _check(device, dtype, M, K, N, I, launches):
             assert err.max() <= 0.03 * ref_m.float().abs().max() and err.mean() <= mean_tol * ref_m.float().abs().mean()
 
 
+def _check_split(device, dtype, M, K, N, launches):
+    """Split-K parts sum to x @ w^T, and through add_rms give what the rounded product gives."""
+    from rankwise.serve.kernels.triton_fused import add_rms
+    from rankwise.serve.kernels.triton_gemm import skinny_partials
+
+    g = torch.Generator().manual_seed(1)
+    r = lambda *s: (torch.randn(*s, generator=g) * 0.5).to(device, dtype)  # noqa: E731
+    x, w, res, norm = r(M, K), r(N, K), r(M, N), r(N)
+    ref = x.float() @ w.float().t()
+    scale = ref.abs().max()
+    for launch in launches:
+        parts = skinny_partials(x, w, **launch)
+        assert parts.shape == (launch["split"], M, N) and parts.dtype == torch.float32
+        torch.testing.assert_close(parts.sum(0), ref, atol=1e-4 * scale, rtol=1e-4)
+        out, rsum = add_rms(parts, res, norm, 1e-5)
+        out_ref, rsum_ref = add_rms(ref.to(dtype), res, norm, 1e-5)
+        if dtype == torch.float32:
+            torch.testing.assert_close(rsum, rsum_ref, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(out, out_ref, atol=1e-4, rtol=1e-4)
+        else:  # a product that lands near a rounding boundary may round the other way (and the residual sum after)
+            for a, b in ((rsum, rsum_ref), (out, out_ref)):
+                err = (a.float() - b.float()).abs()
+                assert err.max() <= 0.02 * b.float().abs().max() and err.mean() <= 5e-3 * b.float().abs().mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_k_parts_match_pytorch_interpreter(dtype):
+    _check_split("cpu", dtype, M=5, K=128, N=48, launches=[dict(split=1, block_n=16, block_k=32),
+                                                           dict(split=2, block_n=16, block_k=32),
+                                                           dict(split=4, block_n=16, block_k=32)])
+
+
+def test_split_k_rejects_a_split_that_does_not_divide_k():
+    from rankwise.serve.kernels.triton_gemm import skinny_partials
+
+    x, w = torch.zeros(4, 96), torch.zeros(32, 96)
+    with pytest.raises(ValueError, match="divide K=96"):
+        skinny_partials(x, w, split=5, block_n=16, block_k=32)
+    with pytest.raises(ValueError, match="multiple of block_k"):
+        skinny_partials(x, w, split=2, block_n=16, block_k=32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_skinny_gemms_match_pytorch_interpreter(dtype):
     _check("cpu", dtype, M=5, K=64, N=96, I=64, launches=[dict(block_n=16, block_k=32), dict(block_n=32, block_k=64)])
@@ -54,3 +96,13 @@ def test_skinny_gemms_real_sizes_gpu():
     for M in (8, 32):
         _check("cuda", torch.bfloat16, M=M, K=2048, N=3072, I=8192, launches=[vars(c) for c in SKINNY_CANDIDATES])
         _check("cuda", torch.bfloat16, M=M, K=8192, N=2048, I=1024, launches=[vars(SKINNY_CANDIDATES[0])])
+
+
+@pytest.mark.gpu
+def test_split_k_real_sizes_gpu():
+    from rankwise.serve.kernels.triton_gemm import SPLIT_CANDIDATES
+
+    for M in (8, 32):  # the o (2048 x 2048) and down (2048 x 8192) projections of Llama-3.2-1B
+        for K in (2048, 8192):
+            _check_split("cuda", torch.bfloat16, M=M, K=K, N=2048,
+                         launches=[vars(c) for c in SPLIT_CANDIDATES if (K // c.split) % c.block_k == 0])

@@ -5,6 +5,7 @@ act * up), which follows transformers' Llama. Each kernel rounds to the model dt
 round (every elementwise op computes in float32 and rounds its result), so bf16 outputs match eager PyTorch:
 
     add_rms:   r = x + res ;  h = w * (r * rsqrt(mean(r^2) + eps))            (HF: residual add, then RMSNorm)
+               x may come as float32 split-K parts (S, T, N) of the GEMM before: x = round(sum_s parts[s])
     rope_kv:   q' = q cos + rot(q) sin,  k' likewise,  rot(x) = [-x2, x1];  cache[slot] <- (k', v)
     silu_mul:  a = silu(g) * u
 """
@@ -21,15 +22,15 @@ from rankwise.serve.kernels.l2_prefetch import prefetch_l2
 
 @triton.jit
 def _add_rms_kernel(
-    x_ptr,        # (T, N)
+    x_ptr,        # (T, N); with PARTS > 0, (PARTS, T, N) float32 split-K parts of x
     res_ptr,      # (T, N) residual, read when HAS_RES
     w_ptr,        # (N,)
     out_ptr,      # (T, N) normalised
     rout_ptr,     # (T, N) x + res, written when HAS_RES
     pf_ptr,       # with PREFETCH: the next GEMM's weights, pf_bytes of them brought into L2 (l2_prefetch.py)
     pf_bytes,
-    N, eps, stride_x, stride_res, stride_out, stride_rout,
-    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    N, eps, stride_x, stride_res, stride_out, stride_rout, stride_parts,
+    HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     if PREFETCH:  # weights are constant: before the wait, while the kernel before still runs
@@ -40,10 +41,15 @@ def _add_rms_kernel(
     if PDL:  # x and res come from the kernels before (pdl.py)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+    dt = out_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if PARTS > 0:  # the GEMM's split-K reduce, then its rounding to the model dtype
+        for s in tl.static_range(1, PARTS):
+            x += tl.load(x_ptr + s * stride_parts + row * stride_x + offs, mask=mask, other=0.0)
+        x = x.to(dt)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(dt)
         tl.store(rout_ptr + row * stride_rout + offs, x, mask=mask)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / N
@@ -55,22 +61,32 @@ def _add_rms_kernel(
 def add_rms(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
             prefetch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms(x + residual) * weight, x + residual); x, residual: (T, N); weight: (N,). Without a residual: (rms(x)
-    * weight, x). prefetch: a weight the next kernel reads, brought into L2 meanwhile when `l2_prefetch` is on."""
-    if x.dim() != 2 or x.stride(1) != 1 or weight.shape != (x.shape[1],):
+    * weight, x). x may also be the float32 split-K parts (S, T, N) of a GEMM (`triton_gemm.skinny_partials`,
+    with a residual): x is then their sum rounded to the residual's dtype. prefetch: a weight the next kernel reads,
+    brought into L2 meanwhile when `l2_prefetch` is on."""
+    parts = x.dim() == 3
+    if parts and (residual is None or x.dtype != torch.float32 or x.stride(0) != x.shape[1] * x.stride(1)):
+        raise ValueError(f"split-K parts x (S, T, N) must be contiguous float32 and come with a residual; got "
+                         f"{tuple(x.shape)} {x.dtype}, residual {None if residual is None else tuple(residual.shape)}.")
+    rows = x[0] if parts else x
+    if rows.dim() != 2 or rows.stride(1) != 1 or weight.shape != (rows.shape[1],):
         raise ValueError(f"x must be (T, N) with contiguous rows and weight (N,); got {tuple(x.shape)}, "
                          f"{tuple(weight.shape)}.")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(1) != 1):
-        raise ValueError(f"residual must match x {tuple(x.shape)} {x.dtype}, got {tuple(residual.shape)} "
+    if residual is not None and (residual.shape != rows.shape or (not parts and residual.dtype != x.dtype)
+                                 or residual.stride(1) != 1):
+        raise ValueError(f"residual must match x {tuple(rows.shape)} {x.dtype}, got {tuple(residual.shape)} "
                          f"{residual.dtype}.")
-    out = torch.empty_like(x)
-    rout = torch.empty_like(x) if residual is not None else x
-    if x.shape[0]:
-        pf = l2_prefetch.launch_args(prefetch, x)
-        _add_rms_kernel[(x.shape[0],)](
-            x, residual if residual is not None else x, weight, out, rout, pf["pf_ptr"], pf["pf_bytes"], x.shape[1],
-            eps, x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), rout.stride(0),
-            HAS_RES=residual is not None, BLOCK=triton.next_power_of_2(x.shape[1]), PREFETCH=pf["PREFETCH"],
-            **pdl.launch_options(x))
+    like = residual if parts else x
+    out = torch.empty_like(like)
+    rout = torch.empty_like(like) if residual is not None else x
+    if rows.shape[0]:
+        pf = l2_prefetch.launch_args(prefetch, like)
+        _add_rms_kernel[(rows.shape[0],)](
+            x, residual if residual is not None else x, weight, out, rout, pf["pf_ptr"], pf["pf_bytes"],
+            rows.shape[1], eps, rows.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+            rout.stride(0), x.stride(0) if parts else 0, HAS_RES=residual is not None,
+            BLOCK=triton.next_power_of_2(rows.shape[1]), PARTS=x.shape[0] if parts else 0, PREFETCH=pf["PREFETCH"],
+            **pdl.launch_options(like))
     return out, rout
 
 

@@ -5,10 +5,16 @@ Specification (`model.py`, eager PyTorch; outputs rounded to the model dtype as 
     skinny_matmul:  out = x @ w^T                                    x: (M, K), w: (N, K) -> (M, N)
     gate_up_silu:   g, u = x @ w[:I]^T, x @ w[I:]^T (rounded);  out = silu(g) * u     w: (2 I, K) -> (M, I)
 
+    skinny_partials: parts[s] = x[:, Ks] @ w[:, Ks]^T in float32, Ks the s-th of `split` equal runs of K
+                     -> (split, M, N); sum(parts) = x @ w^T before rounding
+
 One program per BLOCK_N output columns holds all M rows (M <= 64) and streams its columns' weights once over K;
 the weight bytes dominate (M x K activations are re-read from L2 by every program). `gate_up_silu` computes the
 gate and up columns j of one tile in the same program, so the SiLU-mul is the GEMM's epilogue: the decode MLP
-loses a kernel and the (M, 2 I) intermediate.
+loses a kernel and the (M, 2 I) intermediate. `skinny_partials` splits K over `split` programs per column tile
+(split-K) for the projections whose output goes straight into the residual add + RMSNorm (o and down): that
+kernel (`triton_fused.add_rms`) sums the float32 parts as it loads them, so the split costs no reduce kernel,
+and a 2048-column projection gets split x 2048 / BLOCK_N programs instead of fewer than one per SM.
 """
 
 from __future__ import annotations
@@ -32,16 +38,19 @@ UPCAST = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def _skinny_kernel(
     x_ptr,        # (M, K) activations
     w_ptr,        # (N, K) weight rows; with SILU (2 I, K) = [gate; up]
-    out_ptr,      # (M, N) or, with SILU, (M, I)
+    out_ptr,      # (M, N) or, with SILU, (M, I); with PARTIAL (split, M, N) float32
     M, K, I, stride_x, stride_w, stride_o,
+    k_per,        # K per split (program_id(1)): K when not split
+    stride_p,     # with PARTIAL: elements between two splits' (M, N) parts
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU: tl.constexpr, UP: tl.constexpr,
-    PDL: tl.constexpr,
+    PARTIAL: tl.constexpr, PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    k_start = tl.program_id(1).to(tl.int64) * k_per
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_n = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = k_start + tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + offs_m[:, None] * stride_x + offs_k[None, :]
     w_ptrs = w_ptr + offs_n[:, None] * stride_w + offs_k[None, :]
     if SILU:
@@ -62,7 +71,7 @@ def _skinny_kernel(
         if UP:
             wu = wu.to(tl.float32)
         acc_u = tl.dot(x, tl.trans(wu))
-    for k0 in range(BLOCK_K, K, BLOCK_K):  # fresh names inside the loop: no loop-carried type changes
+    for k0 in range(BLOCK_K, k_per, BLOCK_K):  # fresh names inside the loop: no loop-carried type changes
         xk = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
         wk = tl.load(w_ptrs + k0)
         if UP:
@@ -74,6 +83,10 @@ def _skinny_kernel(
             if UP:
                 uk = uk.to(tl.float32)
             acc_u = tl.dot(xk, tl.trans(uk), acc_u)
+    if PARTIAL:  # this split's float32 sum, unrounded: the reader (add_rms) sums the splits, then rounds
+        tl.store(out_ptr + tl.program_id(1).to(tl.int64) * stride_p + offs_m[:, None] * stride_o + offs_n[None, :],
+                 acc, mask=mask_m[:, None])
+        return
     dt = out_ptr.dtype.element_ty
     if SILU:  # silu_mul's rounding: g, u rounded as the GEMM's output, silu(g) rounded, the product rounded
         g = acc.to(dt).to(tl.float32)
@@ -104,10 +117,10 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, *, block_n: int = 32, block_
     N = w.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device) if out is None else out
     if M:
-        _skinny_kernel[(N // block_n,)](x, w, out, M, K, 0, x.stride(0), w.stride(0), out.stride(0),
+        _skinny_kernel[(N // block_n,)](x, w, out, M, K, 0, x.stride(0), w.stride(0), out.stride(0), K, 0,
                                         BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block_k,
-                                        SILU=False, UP=UPCAST, num_warps=num_warps, num_stages=num_stages,
-                                        **pdl.launch_options(x))
+                                        SILU=False, UP=UPCAST, PARTIAL=False, num_warps=num_warps,
+                                        num_stages=num_stages, **pdl.launch_options(x))
     return out
 
 
@@ -121,10 +134,31 @@ def gate_up_silu(x: torch.Tensor, w_gu: torch.Tensor, *, block_n: int = 32, bloc
     M, K = x.shape
     out = torch.empty((M, I), dtype=x.dtype, device=x.device)
     if M:
-        _skinny_kernel[(I // block_n,)](x, w_gu, out, M, K, I, x.stride(0), w_gu.stride(0), out.stride(0),
+        _skinny_kernel[(I // block_n,)](x, w_gu, out, M, K, I, x.stride(0), w_gu.stride(0), out.stride(0), K, 0,
                                         BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block_k,
-                                        SILU=True, UP=UPCAST, num_warps=num_warps, num_stages=num_stages,
-                                        **pdl.launch_options(x))
+                                        SILU=True, UP=UPCAST, PARTIAL=False, num_warps=num_warps,
+                                        num_stages=num_stages, **pdl.launch_options(x))
+    return out
+
+
+def skinny_partials(x: torch.Tensor, w: torch.Tensor, *, split: int = 4, block_n: int = 32, block_k: int = 256,
+                    num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
+    """Split-K x @ w^T for x: (M <= 64, K), w: (N, K) -> float32 parts (split, M, N) whose sum is the product
+    (unrounded); `triton_fused.add_rms` takes them in place of its x."""
+    if split < 1 or x.shape[1] % split:
+        raise ValueError(f"split={split} must be >= 1 and divide K={x.shape[1]}.")
+    k_per = x.shape[1] // split
+    _check(x, w, w.shape[0], block_n, block_k)
+    if k_per % block_k:
+        raise ValueError(f"K / split = {k_per} must be a multiple of block_k={block_k}.")
+    M, K = x.shape
+    N = w.shape[0]
+    out = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+    if M:
+        _skinny_kernel[(N // block_n, split)](x, w, out, M, K, 0, x.stride(0), w.stride(0), out.stride(1), k_per,
+                                              out.stride(0), BLOCK_M=max(16, triton.next_power_of_2(M)),
+                                              BLOCK_N=block_n, BLOCK_K=block_k, SILU=False, UP=UPCAST, PARTIAL=True,
+                                              num_warps=num_warps, num_stages=num_stages, **pdl.launch_options(x))
     return out
 
 
@@ -140,31 +174,102 @@ class SkinnyLaunch:
     num_stages: int = 4
 
 
+@dataclass(frozen=True)
+class SplitLaunch:
+    """A `skinny_partials` launch whose reduce runs in the add + RMSNorm after it (the o and down projections)."""
+
+    split: int = 4
+    block_n: int = 32
+    block_k: int = 256
+    num_warps: int = 4
+    num_stages: int = 4
+
+
 SKINNY_CANDIDATES = (SkinnyLaunch(16, 256, 4, 4), SkinnyLaunch(32, 256, 4, 4), SkinnyLaunch(32, 128, 4, 6),
                      SkinnyLaunch(64, 128, 4, 4), SkinnyLaunch(16, 128, 4, 6))
-_TUNED: dict[tuple, SkinnyLaunch | None] = {}
+SPLIT_CANDIDATES = tuple(SplitLaunch(s, n, k, 4, st) for s in (2, 4, 8)
+                         for n, k, st in ((16, 256, 4), (32, 256, 4), (32, 128, 4), (64, 128, 4)))
+_TUNED: dict[tuple, object] = {}
+TIMINGS: dict[str, dict[str, float]] = {}  # per tuned shape, us of each timed candidate (for the benchmarks' logs)
 SKINNY_MARGIN = 0.95  # a Triton GEMM replaces cuBLAS only when it times at most 95% of cuBLAS's time
 
 
-def tune_skinny(w: torch.Tensor, M: int, silu: bool) -> SkinnyLaunch | None:
+def _cycle(ws: list[torch.Tensor], fn):
+    """A no-argument callable that applies fn to the next weight of ws at each call: the 20 calls of a timing graph
+    read distinct layers' weights from HBM, as a decode step does, not one matrix from L2 (50 MB on an H100)."""
+    state = {"i": 0}
+
+    def call():
+        w = ws[state["i"] % len(ws)]
+        state["i"] += 1
+        return fn(w)
+
+    return call
+
+
+def _weights(w: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    ws = [w] if isinstance(w, torch.Tensor) else list(w)
+    if not ws or any(x.shape != ws[0].shape or x.dtype != ws[0].dtype for x in ws):
+        raise ValueError("tuning needs one weight or a list of weights of one shape and dtype (the layers').")
+    return ws
+
+
+def tune_skinny(w: torch.Tensor | list[torch.Tensor], M: int, silu: bool) -> SkinnyLaunch | None:
     """The fastest `SkinnyLaunch` for x (M, K) @ w^T (or `gate_up_silu` when `silu`), or None when cuBLAS (plus the
-    separate `silu_mul`) is faster or within 5% of it; timed once per process and shape, as CUDA graphs."""
+    separate `silu_mul`) is faster or within 5% of it; timed once per process and shape, as CUDA graphs. w: one
+    weight or the layers' weights of one projection (cycled through, so the timed weights come from HBM)."""
     from rankwise.serve.kernels.triton_fused import silu_mul
 
-    key = (torch.cuda.get_device_name(w.device), w.dtype, tuple(w.shape), M, silu)
+    ws = _weights(w)
+    key = (torch.cuda.get_device_name(ws[0].device), ws[0].dtype, tuple(ws[0].shape), M, silu, len(ws))
     if key in _TUNED:
         return _TUNED[key]
-    x = torch.randn(M, w.shape[1], device=w.device).to(w.dtype)
+    x = torch.randn(M, ws[0].shape[1], device=ws[0].device).to(ws[0].dtype)
     # A candidate must beat cuBLAS by SKINNY_MARGIN: on the H100 (2026-11-22) the o projection's Triton GEMM timed
     # 13% slower than cuBLAS in one process and was chosen at warm-up in another; a near-tie is left to cuBLAS.
-    best, best_us = None, SKINNY_MARGIN * graph_us((lambda: silu_mul(x @ w.t())) if silu else (lambda: x @ w.t()))
-    n_out = w.shape[0] // 2 if silu else w.shape[0]
+    base = (lambda w: silu_mul(x @ w.t())) if silu else (lambda w: x @ w.t())
+    log = TIMINGS.setdefault(f"{'gate_up_silu' if silu else 'gemm'} {tuple(ws[0].shape)} M={M}", {})
+    log["cublas"] = graph_us(_cycle(ws, base))
+    best, best_us = None, SKINNY_MARGIN * log["cublas"]
+    n_out = ws[0].shape[0] // 2 if silu else ws[0].shape[0]
     for c in SKINNY_CANDIDATES:
-        if n_out % c.block_n or w.shape[1] % c.block_k:
+        if n_out % c.block_n or ws[0].shape[1] % c.block_k:
             continue
-        fn = (lambda: gate_up_silu(x, w, **vars(c))) if silu else (lambda: skinny_matmul(x, w, **vars(c)))
+        fn = (lambda w: gate_up_silu(x, w, **vars(c))) if silu else (lambda w: skinny_matmul(x, w, **vars(c)))
         try:
-            us = graph_us(fn)
+            us = log[str(tuple(vars(c).values()))] = graph_us(_cycle(ws, fn))
+        except Exception:  # a shape that does not compile or launch on this GPU is not a candidate
+            continue
+        if us < best_us:
+            best, best_us = c, us
+    _TUNED[key] = best
+    return best
+
+
+def tune_split(w: torch.Tensor | list[torch.Tensor], M: int, norm: torch.Tensor, eps: float,
+               current: SkinnyLaunch | None) -> SplitLaunch | None:
+    """The fastest `SplitLaunch` for a projection followed by add + RMSNorm (x @ w^T, then `add_rms` with the
+    residual), or None when the unsplit GEMM the engine would use otherwise (`current`: a skinny launch, or None for
+    cuBLAS) followed by `add_rms` is faster or within 5%; both timed as CUDA graphs over the layers' weights."""
+    from rankwise.serve.kernels.triton_fused import add_rms
+
+    ws = _weights(w)
+    N, K = ws[0].shape
+    key = ("split", torch.cuda.get_device_name(ws[0].device), ws[0].dtype, (N, K), M, current, len(ws))
+    if key in _TUNED:
+        return _TUNED[key]
+    x = torch.randn(M, K, device=ws[0].device).to(ws[0].dtype)
+    res = torch.randn(M, N, device=ws[0].device).to(ws[0].dtype)
+    gemm = (lambda w: x @ w.t()) if current is None else (lambda w: skinny_matmul(x, w, **vars(current)))
+    log = TIMINGS.setdefault(f"split + add_rms {(N, K)} M={M}", {})
+    log["unsplit"] = graph_us(_cycle(ws, lambda w: add_rms(gemm(w), res, norm, eps)))
+    best, best_us = None, SKINNY_MARGIN * log["unsplit"]
+    for c in SPLIT_CANDIDATES:
+        if N % c.block_n or K % c.split or (K // c.split) % c.block_k:
+            continue
+        try:
+            us = log[str(tuple(vars(c).values()))] = graph_us(
+                _cycle(ws, lambda w: add_rms(skinny_partials(x, w, **vars(c)), res, norm, eps)))
         except Exception:  # a shape that does not compile or launch on this GPU is not a candidate
             continue
         if us < best_us:
