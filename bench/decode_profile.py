@@ -52,7 +52,8 @@ PREFETCH_MB = (16, 64)  # `l2_prefetch.LIMIT_MB` values compared with --attentio
 def _split_cases():
     from rankwise.serve.kernels.triton_gemm import SplitLaunch
 
-    return (SplitLaunch(2, 32, 256), SplitLaunch(4, 32, 256), SplitLaunch(4, 16, 256), SplitLaunch(8, 32, 128))
+    return (SplitLaunch(32, 256, split=2), SplitLaunch(32, 256, split=4), SplitLaunch(16, 256, split=4),
+            SplitLaunch(32, 128, split=8))
 
 
 SPLIT_CASES = _split_cases()  # forced split-K launches compared with --split
@@ -343,9 +344,9 @@ def main() -> None:
         unsplit = {k: v for k, v in tuned.items() if not k.endswith("_split")}
         case("base, no split-K", none, None, gemm=unsplit)
         for c in SPLIT_CASES:
-            case(f"base, split-K o/down {tuple(vars(c).values())}", none, None,
+            case(f"base, split-K o/down {c}", none, None,
                  gemm=dict(unsplit, o_split=c, d_split=c))
-            case(f"base, split-K down only {tuple(vars(c).values())}", none, None, gemm=dict(unsplit, d_split=c))
+            case(f"base, split-K down only {c}", none, None, gemm=dict(unsplit, d_split=c))
         for mb in PREFETCH_MB:
             case(f"base L2 prefetch <= {mb} MB", none, None, prefetch_mb=mb)
         case("base (PDL, tuned GEMMs) again", none, None)

@@ -40,7 +40,7 @@ def test_prefill_and_decode_logits_equal_transformers(family, backend, monkeypat
 
         from rankwise.serve.kernels import triton_gemm
 
-        model.decode_gemm = {"o_split": SplitLaunch(2, 16, 32), "d_split": SplitLaunch(3, 16, 16)}
+        model.decode_gemm = {"o_split": SplitLaunch(16, 32, split=2), "d_split": SplitLaunch(16, 16, split=3)}
         model.decode_gemm_rows = 2
         calls, partials = [], triton_gemm.skinny_partials
         monkeypatch.setattr(triton_gemm, "skinny_partials",

@@ -175,19 +175,15 @@ class SkinnyLaunch:
 
 
 @dataclass(frozen=True)
-class SplitLaunch:
-    """A `skinny_partials` launch whose reduce runs in the add + RMSNorm after it (the o and down projections)."""
+class SplitLaunch(SkinnyLaunch):
+    """A `skinny_partials` launch (K in `split` runs) whose reduce runs in the add + RMSNorm after it."""
 
     split: int = 4
-    block_n: int = 32
-    block_k: int = 256
-    num_warps: int = 4
-    num_stages: int = 4
 
 
 SKINNY_CANDIDATES = (SkinnyLaunch(16, 256, 4, 4), SkinnyLaunch(32, 256, 4, 4), SkinnyLaunch(32, 128, 4, 6),
                      SkinnyLaunch(64, 128, 4, 4), SkinnyLaunch(16, 128, 4, 6))
-SPLIT_CANDIDATES = tuple(SplitLaunch(s, n, k, 4, st) for s in (2, 4, 8)
+SPLIT_CANDIDATES = tuple(SplitLaunch(n, k, 4, st, split=s) for s in (2, 4, 8)
                          for n, k, st in ((16, 256, 4), (32, 256, 4), (32, 128, 4), (64, 128, 4)))
 _TUNED: dict[tuple, object] = {}
 TIMINGS: dict[str, dict[str, float]] = {}  # per tuned shape, us of each timed candidate (for the benchmarks' logs)
@@ -237,7 +233,7 @@ def tune_skinny(w: torch.Tensor | list[torch.Tensor], M: int, silu: bool) -> Ski
             continue
         fn = (lambda w: gate_up_silu(x, w, **vars(c))) if silu else (lambda w: skinny_matmul(x, w, **vars(c)))
         try:
-            us = log[str(tuple(vars(c).values()))] = graph_us(_cycle(ws, fn))
+            us = log[repr(c)] = graph_us(_cycle(ws, fn))
         except Exception:  # a shape that does not compile or launch on this GPU is not a candidate
             continue
         if us < best_us:
@@ -268,7 +264,7 @@ def tune_split(w: torch.Tensor | list[torch.Tensor], M: int, norm: torch.Tensor,
         if N % c.block_n or K % c.split or (K // c.split) % c.block_k:
             continue
         try:
-            us = log[str(tuple(vars(c).values()))] = graph_us(
+            us = log[repr(c)] = graph_us(
                 _cycle(ws, lambda w: add_rms(skinny_partials(x, w, **vars(c)), res, norm, eps)))
         except Exception:  # a shape that does not compile or launch on this GPU is not a candidate
             continue
