@@ -9,7 +9,7 @@ its replays with CUDA events:
   - LoRA orders (EngineConfig.lora_order), forced skinny q/k/v/o GEMMs, decode attention launch shapes;
   - with --gemms: candidate skinny GEMMs (`kernels/triton_gemm.py`) against cuBLAS at the step's shapes;
   - with --split (alone): the base step tuned, without split-K, with forced split-K o / down projections (reduced in
-    the add + RMSNorm after them), with the L2 prefetch; the warm-up's tuning timings; the base step's kernels;
+    the add + RMSNorm after them); the warm-up's tuning timings; the base step's kernels;
   - a prefill step of PREFILL_T tokens (the serving benchmark's mean step is ~290) as a graph: no LoRA, one
     adapter, four adapters; LoRA orders, K split, 32 tokens per LoRA block (`PrefillRunner.lora_launch`,
     `block_t`); its kernels from the profiler.
@@ -278,8 +278,8 @@ def main() -> None:
     ap.add_argument("--attention", action="store_true",
                     help="only the base step with and without the L2 prefetch (kernels/l2_prefetch.py)")
     ap.add_argument("--split", action="store_true",
-                    help="only the base step: tuned, without / with forced split-K o and down projections, with the "
-                         "L2 prefetch; then its kernels")
+                    help="only the base step: tuned, without / with forced split-K o and down projections; then "
+                         "its kernels")
     args = ap.parse_args()
     out: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     res_path = Path(args.out) / "decode_profile.json"
@@ -344,11 +344,7 @@ def main() -> None:
         unsplit = {k: v for k, v in tuned.items() if not k.endswith("_split")}
         case("base, no split-K", none, None, gemm=unsplit)
         for c in SPLIT_CASES:
-            case(f"base, split-K o/down {c}", none, None,
-                 gemm=dict(unsplit, o_split=c, d_split=c))
-            case(f"base, split-K down only {c}", none, None, gemm=dict(unsplit, d_split=c))
-        for mb in PREFETCH_MB:
-            case(f"base L2 prefetch <= {mb} MB", none, None, prefetch_mb=mb)
+            case(f"base, split-K o/down {c}", none, None, gemm=dict(unsplit, o_split=c, d_split=c))
         case("base (PDL, tuned GEMMs) again", none, None)
         out["graph_step_ms"] = steps
         save()

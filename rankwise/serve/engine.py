@@ -425,10 +425,14 @@ class Engine:
         choice = {k: tune_skinny(layers(k), M, False) for k in ("qkv", "o", "gu", "d")}
         if spec.hidden_act == "silu":
             choice["gu_silu"] = tune_skinny(layers("gu"), M, True)
-        # o and down feed the residual add + RMSNorm, which can take their split-K parts (no reduce kernel)
-        for k, norm in (("o", "0.ln2"), ("d", "1.ln1" if spec.num_layers > 1 else "norm")):
-            if f"0.{k}_b" not in w:
-                choice[f"{k}_split"] = tune_split(layers(k), M, w[norm], spec.rms_eps, choice[k])
+        # o and down feed the residual add + RMSNorm, which can take their split-K parts (no reduce kernel); chosen
+        # by timing the layers' whole GEMM chain with the launches chosen above
+        if "0.o_b" not in w and "0.d_b" not in w:
+            chain = [{**{k: w[f"{i}.{k}"] for k in ("qkv", "o", "gu", "d", "ln2")},
+                      "ln_next": w[f"{i + 1}.ln1" if i + 1 < spec.num_layers else "norm"]}
+                     for i in range(spec.num_layers)]
+            split = tune_split(chain, M, spec.rms_eps, {k: v for k, v in choice.items() if v is not None})
+            choice["o_split"] = choice["d_split"] = split
         self.model.decode_gemm = {k: v for k, v in choice.items() if v is not None}
         self.model.decode_gemm_rows = M
 

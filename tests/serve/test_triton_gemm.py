@@ -106,3 +106,36 @@ def test_split_k_real_sizes_gpu():
         for K in (2048, 8192):
             _check_split("cuda", torch.bfloat16, M=M, K=K, N=2048,
                          launches=[vars(c) for c in SPLIT_CANDIDATES if (K // c.split) % c.block_k == 0])
+
+
+def _chain_layers(device, dtype, n, hidden, q_out, inter):
+    g = torch.Generator().manual_seed(2)
+    r = lambda *s: (torch.randn(*s, generator=g) * 0.1).to(device, dtype)  # noqa: E731
+    return [{"qkv": r(q_out + 2 * hidden // 4, hidden), "o": r(hidden, q_out), "gu": r(2 * inter, hidden),
+             "d": r(hidden, inter), "ln2": r(hidden), "ln_next": r(hidden)} for _ in range(n)]
+
+
+def test_decode_chain_runs_every_launch_interpreter(monkeypatch):
+    # the chain the split-K tuner times: unsplit (cuBLAS / skinny / fused gate-up) and split o / down, on CPU
+    from rankwise.serve.kernels import triton_gemm as tg
+
+    layers = _chain_layers("cpu", torch.float32, 2, 64, 64, 64)
+    calls = []
+    partials = tg.skinny_partials
+    monkeypatch.setattr(tg, "skinny_partials", lambda *a, **k: calls.append(k["split"]) or partials(*a, **k))
+    tg.decode_chain(layers, 3, 1e-5, {}, None)()
+    tg.decode_chain(layers, 3, 1e-5, {"o": tg.SkinnyLaunch(16, 32), "gu_silu": tg.SkinnyLaunch(16, 32)}, None)()
+    assert calls == []
+    tg.decode_chain(layers, 3, 1e-5, {}, tg.SplitLaunch(16, 32, split=2))()
+    assert calls == [2, 2] * 2  # o and down of each layer
+
+
+@pytest.mark.gpu
+def test_tune_split_times_the_chain_gpu():
+    from rankwise.serve.kernels import triton_gemm as tg
+
+    layers = _chain_layers("cuda", torch.bfloat16, 4, 2048, 2048, 8192)
+    c = tg.tune_split(layers, 32, 1e-5, {})
+    log = next(v for k, v in tg.TIMINGS.items() if k.startswith("decode GEMM chain"))
+    assert "unsplit" in log and len(log) > 1
+    assert c is None or (isinstance(c, tg.SplitLaunch) and log[repr(c)] <= tg.SPLIT_MARGIN * log["unsplit"])

@@ -242,30 +242,62 @@ def tune_skinny(w: torch.Tensor | list[torch.Tensor], M: int, silu: bool) -> Ski
     return best
 
 
-def tune_split(w: torch.Tensor | list[torch.Tensor], M: int, norm: torch.Tensor, eps: float,
-               current: SkinnyLaunch | None) -> SplitLaunch | None:
-    """The fastest `SplitLaunch` for a projection followed by add + RMSNorm (x @ w^T, then `add_rms` with the
-    residual), or None when the unsplit GEMM the engine would use otherwise (`current`: a skinny launch, or None for
-    cuBLAS) followed by `add_rms` is faster or within 5%; both timed as CUDA graphs over the layers' weights."""
-    from rankwise.serve.kernels.triton_fused import add_rms
+def decode_chain(layers: list[dict[str, torch.Tensor]], M: int, eps: float, gemm: dict,
+                 split: SplitLaunch | None):
+    """A no-argument callable running the weight GEMMs of a decode step's layers as the engine does (`model.py`):
+    qkv; o -> add + RMSNorm; gate/up (+ SiLU-mul) -> down -> add + RMSNorm, with o and down as split-K parts
+    reduced in the add + RMSNorm when `split` is given. layers[i]: the weights "qkv", "o", "gu", "d" and the norms
+    "ln2", "ln_next" of layer i; gemm: the engine's chosen skinny launches (`decode_gemm`: qkv / o / gu / d /
+    gu_silu, absent = cuBLAS). Inputs are random (M rows); the outputs are dropped."""
+    from rankwise.serve.kernels.triton_fused import add_rms, silu_mul
 
-    ws = _weights(w)
-    N, K = ws[0].shape
-    key = ("split", torch.cuda.get_device_name(ws[0].device), ws[0].dtype, (N, K), M, current, len(ws))
+    L0 = layers[0]
+    dev, dt = L0["o"].device, L0["o"].dtype
+    x = torch.randn(M, L0["qkv"].shape[1], device=dev).to(dt)     # (M, hidden)
+    a = torch.randn(M, L0["o"].shape[1], device=dev).to(dt)       # (M, q_out): the attention's output
+    res = torch.randn(M, L0["o"].shape[0], device=dev).to(dt)     # (M, hidden)
+
+    def mm(x, w, key):
+        c = gemm.get(key)
+        return x @ w.t() if c is None else skinny_matmul(x, w, **vars(c))
+
+    def run():
+        for L in layers:
+            mm(x, L["qkv"], "qkv")
+            o = mm(a, L["o"], "o") if split is None else skinny_partials(a, L["o"], **vars(split))
+            h, _ = add_rms(o, res, L["ln2"], eps)
+            fused = gemm.get("gu_silu")
+            m = gate_up_silu(h, L["gu"], **vars(fused)) if fused is not None else silu_mul(mm(h, L["gu"], "gu"))
+            d = mm(m, L["d"], "d") if split is None else skinny_partials(m, L["d"], **vars(split))
+            add_rms(d, res, L["ln_next"], eps)
+
+    return run
+
+
+SPLIT_MARGIN = 0.97  # a split launch replaces the unsplit o / down only when the layers' chain takes <= 97% of the time
+
+
+def tune_split(layers: list[dict[str, torch.Tensor]], M: int, eps: float, gemm: dict) -> SplitLaunch | None:
+    """The split-K launch for the o and down projections (their parts reduced in the add + RMSNorm after them) that
+    makes the decode step's GEMM chain (`decode_chain` over all layers, one CUDA graph) fastest, or None when no
+    launch takes at most SPLIT_MARGIN of the unsplit chain's time. Timed as a chain, not alone: on an H200
+    (2026-12-06) split-K o / down launches timed 8% slower than the unsplit ones in graphs of their own 20 calls yet
+    made the whole decode step 7% faster."""
+    L0 = layers[0]
+    N_o, K_o = L0["o"].shape
+    N_d, K_d = L0["d"].shape
+    key = ("split", torch.cuda.get_device_name(L0["o"].device), L0["o"].dtype, (N_o, K_o, N_d, K_d), M,
+           tuple(sorted((k, v) for k, v in gemm.items())), len(layers))
     if key in _TUNED:
         return _TUNED[key]
-    x = torch.randn(M, K, device=ws[0].device).to(ws[0].dtype)
-    res = torch.randn(M, N, device=ws[0].device).to(ws[0].dtype)
-    gemm = (lambda w: x @ w.t()) if current is None else (lambda w: skinny_matmul(x, w, **vars(current)))
-    log = TIMINGS.setdefault(f"split + add_rms {(N, K)} M={M}", {})
-    log["unsplit"] = graph_us(_cycle(ws, lambda w: add_rms(gemm(w), res, norm, eps)))
-    best, best_us = None, SKINNY_MARGIN * log["unsplit"]
+    log = TIMINGS.setdefault(f"decode GEMM chain, split-K o {(N_o, K_o)} / down {(N_d, K_d)}, M={M}", {})
+    log["unsplit"] = graph_us(decode_chain(layers, M, eps, gemm, None), calls=2, replays=5)
+    best, best_us = None, SPLIT_MARGIN * log["unsplit"]
     for c in SPLIT_CANDIDATES:
-        if N % c.block_n or K % c.split or (K // c.split) % c.block_k:
+        if any(n % c.block_n or k % c.split or (k // c.split) % c.block_k for n, k in ((N_o, K_o), (N_d, K_d))):
             continue
         try:
-            us = log[repr(c)] = graph_us(
-                _cycle(ws, lambda w: add_rms(skinny_partials(x, w, **vars(c)), res, norm, eps)))
+            us = log[repr(c)] = graph_us(decode_chain(layers, M, eps, gemm, c), calls=2, replays=5)
         except Exception:  # a shape that does not compile or launch on this GPU is not a candidate
             continue
         if us < best_us:
