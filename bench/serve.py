@@ -327,6 +327,8 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true", help="skip the float32 check against PEFT")
     ap.add_argument("--no-baselines", action="store_true", help="skip HF generate and PEFT's mixed batch")
     ap.add_argument("--no-latency", action="store_true", help="skip the 10 req/s (unsaturated) runs")
+    ap.add_argument("--decode-only", action="store_true",
+                    help="only the batch-32 decode step against the floors (32 adapters written, no serving runs)")
     ap.add_argument("--lora-order", default="auto", help="EngineConfig.lora_order: auto, side, shrink_first, gemm_first")
     args = ap.parse_args()
     if args.smoke:
@@ -335,7 +337,7 @@ def main() -> None:
         args.quick = True
     quick = args.quick
     n_req = (12 if args.smoke else 60) if quick else args.requests
-    n_big = (8 if args.smoke else 100) if quick else 1000
+    n_big = 32 if args.decode_only else (8 if args.smoke else 100) if quick else 1000
     root = Path(args.work or tempfile.mkdtemp(prefix="rankwise-serve-"))
     res: dict = {"gpu": torch.cuda.get_device_name() if DEV == "cuda" else "cpu (smoke)", "torch": torch.__version__,
                  "date": time.strftime("%Y-%m-%d"), "args": vars(args)}
@@ -353,7 +355,8 @@ def main() -> None:
     hf = build_hf(torch.bfloat16)
     t = time.perf_counter()
     qkvo = write_adapters(root / "a", "q", n_big, QKVO, 16)
-    all7 = write_adapters(root / "a", "s", (4 if args.smoke else 32) if quick else 100, ALL7, 16, seed=1)
+    n_all7 = 1 if args.decode_only else (4 if args.smoke else 32) if quick else 100
+    all7 = write_adapters(root / "a", "s", n_all7, ALL7, 16, seed=1)
     res["adapter_write_s"] = time.perf_counter() - t
     cfg = EngineConfig(max_num_seqs=32, max_model_len=1024, max_gpu_adapters=128,
                        lora_pool_mb=4096 if DEV == "cuda" else 64, max_host_adapters=len(qkvo) + len(all7), adapter_load_threads=8,
@@ -386,6 +389,11 @@ def main() -> None:
     res["decode_batch32"] = dec
     print("decode", json.dumps(dec), flush=True)
     save()
+    if args.decode_only:
+        print(f"decode batch 32: {dec['base']['step_ms']:.3f} ms no adapters, {dec['32_adapters']['step_ms']:.3f} ms "
+              f"with 32; bandwidth floor {floor_ms:.3f} ms (x{dec['base_vs_bandwidth_floor']:.2f}), GEMM-graph "
+              f"floor {dec['gemm_graph_floor_ms']:.3f} ms; decode_gemm {res['decode_gemm']}")
+        return
 
     runs = {}
     res["big_label"] = f"{n_big} adapters"
