@@ -183,8 +183,10 @@ class SplitLaunch(SkinnyLaunch):
 
 SKINNY_CANDIDATES = (SkinnyLaunch(16, 256, 4, 4), SkinnyLaunch(32, 256, 4, 4), SkinnyLaunch(32, 128, 4, 6),
                      SkinnyLaunch(64, 128, 4, 4), SkinnyLaunch(16, 128, 4, 6))
-SPLIT_CANDIDATES = tuple(SplitLaunch(n, k, 4, st, split=s) for s in (2, 4, 8)
-                         for n, k, st in ((16, 256, 4), (32, 256, 4), (32, 128, 4), (64, 128, 4)))
+# Split-K launches tried for o / down. In whole decode graphs (bench/decode_profile.py --split, 2026-12-06) 4 splits
+# of 32 columns x 256 deep were the fastest of 4 launches on both an H100 (1.284 ms against 1.341 unsplit) and an
+# H200 (1.079 against 1.164); wider grids that timed well in the GEMM chain alone lost in the whole step.
+SPLIT_CANDIDATES = (SplitLaunch(32, 256, 4, 4, split=4), SplitLaunch(32, 256, 4, 4, split=2))
 _TUNED: dict[tuple, object] = {}
 TIMINGS: dict[str, dict[str, float]] = {}  # per tuned shape, us of each timed candidate (for the benchmarks' logs)
 SKINNY_MARGIN = 0.95  # a Triton GEMM replaces cuBLAS only when it times at most 95% of cuBLAS's time
