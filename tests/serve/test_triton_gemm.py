@@ -140,3 +140,30 @@ def test_tune_split_times_the_chain_gpu():
     log = tg.TIMINGS["decode GEMM chain, split-K o (2048, 2048) / down (2048, 8192), M=32"]
     assert "unsplit" in log and len(log) > 1
     assert c is None or (isinstance(c, tg.SplitLaunch) and log[repr(c)] <= tg.SPLIT_MARGIN * log["unsplit"])
+
+
+def test_tuners_pick_the_fastest_launch_under_the_margin_interpreter(monkeypatch):
+    # the warm-up tuners' choice on CPU: every candidate runs (interpreter), a fake clock decides
+    from rankwise.serve.kernels import triton_gemm as tg
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "cpu")
+    monkeypatch.setattr(tg, "_TUNED", {})
+    times = iter([10.0, 9.8, 7.0, 9.0, 6.0, 8.0])  # cuBLAS first, then the candidates that fit, in order
+
+    def fake_graph_us(fn, **kw):
+        fn()
+        return next(times)
+
+    monkeypatch.setattr(tg, "graph_us", fake_graph_us)
+    launches = (tg.SkinnyLaunch(16, 32), tg.SkinnyLaunch(32, 32), tg.SkinnyLaunch(64, 32), tg.SkinnyLaunch(16, 64),
+                tg.SkinnyLaunch(32, 64), tg.SkinnyLaunch(16, 48))  # the last does not divide K = 64: not timed
+    monkeypatch.setattr(tg, "SKINNY_CANDIDATES", launches)
+    ws = [torch.randn(64, 64) for _ in range(3)]
+    assert tg.tune_skinny(ws, 4, False) == launches[3]           # 6.0 us, the least below 0.95 x 10
+    assert tg.tune_skinny(ws, 4, False) == launches[3]           # cached: no more timing
+    times = iter([10.0, 9.9, 9.8])                                 # nothing at most 97% of the unsplit chain
+    monkeypatch.setattr(tg, "SPLIT_CANDIDATES", (tg.SplitLaunch(16, 32, split=2), tg.SplitLaunch(16, 16, split=4)))
+    layers = _chain_layers("cpu", torch.float32, 2, 64, 64, 64)
+    assert tg.tune_split(layers, 3, 1e-5, {}) is None
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        tg.tune_skinny([ws[0], torch.randn(32, 64)], 4, False)

@@ -228,19 +228,24 @@ def tune_skinny(w: torch.Tensor | list[torch.Tensor], M: int, silu: bool) -> Ski
     base = (lambda w: silu_mul(x @ w.t())) if silu else (lambda w: x @ w.t())
     log = TIMINGS.setdefault(f"{'gate_up_silu' if silu else 'gemm'} {tuple(ws[0].shape)} M={M}", {})
     log["cublas"] = graph_us(_cycle(ws, base))
-    best, best_us = None, SKINNY_MARGIN * log["cublas"]
     n_out = ws[0].shape[0] // 2 if silu else ws[0].shape[0]
-    for c in SKINNY_CANDIDATES:
-        if n_out % c.block_n or ws[0].shape[1] % c.block_k:
-            continue
-        fn = (lambda w: gate_up_silu(x, w, **vars(c))) if silu else (lambda w: skinny_matmul(x, w, **vars(c)))
+    fits = [c for c in SKINNY_CANDIDATES if n_out % c.block_n == 0 and ws[0].shape[1] % c.block_k == 0]
+    op = gate_up_silu if silu else skinny_matmul
+    _TUNED[key] = _fastest(fits, lambda c: graph_us(_cycle(ws, lambda w: op(x, w, **vars(c)))),
+                           SKINNY_MARGIN * log["cublas"], log)
+    return _TUNED[key]
+
+
+def _fastest(candidates, time_us, limit_us: float, log: dict):
+    """The candidate with the least time_us(c) below limit_us, or None; each time recorded in log under repr(c)."""
+    best, best_us = None, limit_us
+    for c in candidates:
         try:
-            us = log[repr(c)] = graph_us(_cycle(ws, fn))
+            us = log[repr(c)] = time_us(c)
         except Exception:  # a shape that does not compile or launch on this GPU is not a candidate
             continue
         if us < best_us:
             best, best_us = c, us
-    _TUNED[key] = best
     return best
 
 
@@ -294,15 +299,8 @@ def tune_split(layers: list[dict[str, torch.Tensor]], M: int, eps: float, gemm: 
         return _TUNED[key]
     log = TIMINGS.setdefault(f"decode GEMM chain, split-K o {(N_o, K_o)} / down {(N_d, K_d)}, M={M}", {})
     log["unsplit"] = graph_us(decode_chain(layers, M, eps, gemm, None), calls=2, replays=5)
-    best, best_us = None, SPLIT_MARGIN * log["unsplit"]
-    for c in SPLIT_CANDIDATES:
-        if any(n % c.block_n or k % c.split or (k // c.split) % c.block_k for n, k in ((N_o, K_o), (N_d, K_d))):
-            continue
-        try:
-            us = log[repr(c)] = graph_us(decode_chain(layers, M, eps, gemm, c), calls=2, replays=5)
-        except Exception:  # a shape that does not compile or launch on this GPU is not a candidate
-            continue
-        if us < best_us:
-            best, best_us = c, us
-    _TUNED[key] = best
-    return best
+    fits = [c for c in SPLIT_CANDIDATES
+            if not any(n % c.block_n or k % c.split or (k // c.split) % c.block_k for n, k in ((N_o, K_o), (N_d, K_d)))]
+    _TUNED[key] = _fastest(fits, lambda c: graph_us(decode_chain(layers, M, eps, gemm, c), calls=2, replays=5),
+                           SPLIT_MARGIN * log["unsplit"], log)
+    return _TUNED[key]
