@@ -37,6 +37,7 @@ import serve as sb  # noqa: E402  (bench/serve.py)
 from rankwise.serve.config import EngineConfig  # noqa: E402
 from rankwise.serve.engine import Engine  # noqa: E402
 from rankwise.serve.kernels import graph_timing, l2_prefetch, pdl  # noqa: E402
+from rankwise.serve.kernels.triton_gemm import SkinnyLaunch, SplitLaunch  # noqa: E402
 from rankwise.serve.lora_batch import plan_blocks  # noqa: E402
 
 B, CTX = 32, 192
@@ -48,15 +49,9 @@ ATTENTION_CASES = (
 )
 PREFETCH_MB = (16, 64)  # `l2_prefetch.LIMIT_MB` values compared with --attention and --split
 
-
-def _split_cases():
-    from rankwise.serve.kernels.triton_gemm import SplitLaunch
-
-    return (SplitLaunch(32, 256, split=2), SplitLaunch(32, 256, split=4), SplitLaunch(16, 256, split=4),
-            SplitLaunch(32, 128, split=8))
-
-
-SPLIT_CASES = _split_cases()  # forced split-K launches compared with --split
+# forced split-K launches compared with --split
+SPLIT_CASES = (SplitLaunch(32, 256, split=2), SplitLaunch(32, 256, split=4), SplitLaunch(16, 256, split=4),
+               SplitLaunch(32, 128, split=8))
 
 
 def setup_rows(engine: Engine, slots: list[int]) -> None:
@@ -310,7 +305,6 @@ def main() -> None:
     out["decode_gemm"] = {k: vars(v) for k, v in tuned.items()}
     print("decode_gemm", out["decode_gemm"], flush=True)
     from rankwise.serve.kernels import triton_attention as ta
-    from rankwise.serve.kernels.triton_gemm import SkinnyLaunch
 
     forced = dict(tuned, qkv=SkinnyLaunch(32, 256, 4, 3), o=SkinnyLaunch(16, 128, 4, 3))
 

@@ -211,11 +211,11 @@ class LlamaFamilyModel:
     def _matmul(self, x: torch.Tensor, key: str, weight: torch.Tensor) -> torch.Tensor:
         """x (T, in) @ weight^T: the tuned skinny Triton GEMM for decode-sized T, else cuBLAS."""
         launch = self.decode_gemm.get(key) if x.shape[0] <= self.decode_gemm_rows else None
-        if launch is None:
+        if launch is None:  # also without Triton installed (the CPU path)
             return x @ weight.t()
-        from rankwise.serve.kernels.triton_gemm import skinny_matmul
+        from rankwise.serve.kernels.triton_gemm import matmul
 
-        return skinny_matmul(x, weight, **vars(launch))
+        return matmul(x, weight, launch)
 
     def _linear(self, x: torch.Tensor, layer: int, site: int, key: str, lora: LoraContext | None) -> torch.Tensor:
         weight = self.w[f"{layer}.{key}"]

@@ -124,6 +124,11 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor, *, block_n: int = 32, block_
     return out
 
 
+def matmul(x: torch.Tensor, w: torch.Tensor, launch: SkinnyLaunch | None) -> torch.Tensor:
+    """x @ w^T: the skinny Triton GEMM with `launch`, or cuBLAS when it is None (not chosen at warm-up)."""
+    return x @ w.t() if launch is None else skinny_matmul(x, w, **vars(launch))
+
+
 def gate_up_silu(x: torch.Tensor, w_gu: torch.Tensor, *, block_n: int = 32, block_k: int = 256,
                  num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
     """silu(x @ w_gu[:I]^T) * (x @ w_gu[I:]^T) for x: (M <= 64, K), w_gu: (2 I, K) -> (M, I)."""
@@ -264,18 +269,16 @@ def decode_chain(layers: list[dict[str, torch.Tensor]], M: int, eps: float, gemm
     a = torch.randn(M, L0["o"].shape[1], device=dev).to(dt)       # (M, q_out): the attention's output
     res = torch.randn(M, L0["o"].shape[0], device=dev).to(dt)     # (M, hidden)
 
-    def mm(x, w, key):
-        c = gemm.get(key)
-        return x @ w.t() if c is None else skinny_matmul(x, w, **vars(c))
+    fused = gemm.get("gu_silu")
 
     def run():
         for L in layers:
-            mm(x, L["qkv"], "qkv")
-            o = mm(a, L["o"], "o") if split is None else skinny_partials(a, L["o"], **vars(split))
+            matmul(x, L["qkv"], gemm.get("qkv"))
+            o = matmul(a, L["o"], gemm.get("o")) if split is None else skinny_partials(a, L["o"], **vars(split))
             h, _ = add_rms(o, res, L["ln2"], eps)
-            fused = gemm.get("gu_silu")
-            m = gate_up_silu(h, L["gu"], **vars(fused)) if fused is not None else silu_mul(mm(h, L["gu"], "gu"))
-            d = mm(m, L["d"], "d") if split is None else skinny_partials(m, L["d"], **vars(split))
+            m = (gate_up_silu(h, L["gu"], **vars(fused)) if fused is not None
+                 else silu_mul(matmul(h, L["gu"], gemm.get("gu"))))
+            d = matmul(m, L["d"], gemm.get("d")) if split is None else skinny_partials(m, L["d"], **vars(split))
             add_rms(d, res, L["ln_next"], eps)
 
     return run
