@@ -56,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int)
     p.add_argument("--train-samples", type=int, help="training rows per task (default: all)")
     p.add_argument("--eval-samples", type=int, help="dev rows per task (default: all)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 1e-3 with --quick, else 5e-4)")
+    p.add_argument("--lr", help="peak learning rate, or a comma-separated grid: each method is then reported at the "
+                               "rate with the lowest loss on held-out training rows (default: 1e-3 with --quick, "
+                               "else 5e-4)")
     p.add_argument("--warmup-ratio", type=float, default=0.06)
     p.add_argument("--eval-batch-size", type=int, default=128)
     p.add_argument("--allocator-options", default="{}", help='JSON {"allocator": {option: value}}')
@@ -77,10 +79,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for key, conv in (("tasks", str), ("budgets", int), ("seeds", int), ("methods", str)):
+    for key, conv in (("tasks", str), ("budgets", int), ("seeds", int), ("methods", str), ("lr", float)):
         value = getattr(args, key)
         if isinstance(value, str):
-            setattr(args, key, [conv(v) for v in value.split(",") if v.strip()])
+            try:
+                setattr(args, key, [conv(v) for v in value.split(",") if v.strip()])
+            except ValueError:
+                p.error(f"--{key.replace('_', '-')} {value!r}: not a comma-separated list of {conv.__name__}s")
+        elif isinstance(value, float):
+            setattr(args, key, [value])
     unknown = [t for t in args.tasks if t not in ALL_TASKS]
     if unknown:
         p.error(f"--tasks {unknown}: unknown; choose from {list(ALL_TASKS)}")
@@ -192,11 +199,11 @@ def main(argv: list[str] | None = None) -> int:
                 "data_dir": str(data_dir), "max_length": args.max_length, "train_samples": args.train_samples,
                 "eval_samples": args.eval_samples,
                 "deadline": None if args.time_limit is None else start + args.time_limit}
-    base_job = {"device": device, "batch_size": args.batch_size, "lr": args.lr, "warmup_ratio": args.warmup_ratio,
+    base_job = {"device": device, "batch_size": args.batch_size, "lr": args.lr[0], "warmup_ratio": args.warmup_ratio,
                 "eval_batch_size": args.eval_batch_size, "allocator_options": args.allocator_options}
-    # seed-major order: if the time limit cuts the run short, whole seeds are complete for every method
-    jobs = [{**base_job, "task": t, "method": m, "budget": k, "seed": s}
-            for s in args.seeds for t in args.tasks for k in args.budgets for m in methods]
+    # seed-major order: if the time limit cuts the run short, whole seeds are complete for every method and rate
+    jobs = [{**base_job, "task": t, "method": m, "budget": k, "seed": s, "lr": lr}
+            for s in args.seeds for t in args.tasks for k in args.budgets for lr in args.lr for m in methods]
     if device.startswith("cuda") and args.workers > 1 and any(t in LM_TASKS for t in args.tasks):
         total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
         length = max(args.max_length, LM_MIN_LENGTH)
@@ -210,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
 
     where = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {os.cpu_count()} cores"
     print(f"# {where}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
-    print(f"# {len(jobs)} rows: tasks {args.tasks}, budgets {args.budgets}, seeds {args.seeds}, methods {methods}; "
+    print(f"# {len(jobs)} rows: tasks {args.tasks}, budgets {args.budgets}, seeds {args.seeds}, lr {args.lr}, "
+          f"methods {methods}; "
           f"device {device}, {args.workers} worker(s); results -> {out}", flush=True)
 
     with out.open("a") as fh:
@@ -221,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"!! {result['task']} {result['method']} r{result['budget']} s{result['seed']}: "
                       f"{result['error']}\n{result.get('traceback', '')}", flush=True)
             elif "skipped" not in result:
-                print(f"{result['task']:>6} {result['method']:<14} r{result['budget']:<2} seed {result['seed']}: "
+                print(f"{result['task']:>6} {result['method']:<14} r{result['budget']:<2} seed {result['seed']} "
+                      f"lr {result['lr']:g}: "
                       f"score {result['score']:8.3f}  params {result['params']:>9,}  {result['wall_s']:6.1f}s",
                       flush=True)
 

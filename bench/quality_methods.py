@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.quality_tasks import MINILM_TARGETS, SMOLLM_TARGETS, Task, batch_plan, collate, evaluate
+from bench.quality_tasks import MINILM_TARGETS, SMOLLM_TARGETS, Task, batch_plan, collate, evaluate, selection_loss
 from rankwise.optim_groups import loraplus_param_groups
 
 PEFT_METHODS = ("peft-lora", "peft-adalora")
@@ -344,7 +344,10 @@ def run_row(job: dict[str, Any], base: nn.Module, task: Task, pad_id: int) -> di
         hook.finalize()
     _sync(device)
     wall = time.perf_counter() - t0
-    metrics = evaluate(model, task, pad_id, device, job["eval_batch_size"]) if job.get("evaluate", True) else {"score": 0.0}
+    metrics = {"score": 0.0}
+    if job.get("evaluate", True):
+        metrics = evaluate(model, task, pad_id, device, job["eval_batch_size"])
+        metrics["select_loss"] = selection_loss(model, task, pad_id, device, job["eval_batch_size"])
     tail = losses[-max(1, steps // 10):]
     result = {
         **{key: job[key] for key in ("task", "method", "budget", "seed", "steps", "batch_size", "lr")},

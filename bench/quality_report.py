@@ -6,6 +6,10 @@ adaptive allocator.
 `metric="task"` scores classification tasks by their GLUE metric (accuracy, Matthews) and LM tasks by held-out
 loss; `metric="loss"` scores every task by held-out loss (a classification row's `dev_loss`, the cross-entropy on
 its dev set: a continuous measure of the same model with less seed noise than accuracy on a few hundred rows).
+
+Rows run at several learning rates (`--lr 2e-3,4e-3,8e-3`) are reduced to one rate per task, budget and method
+first: the rate whose mean `select_loss` (the loss on 64 held-out training rows, never the dev set) is lowest, so
+each method is compared at its own best rate and the reported dev scores choose nothing.
 """
 
 from __future__ import annotations
@@ -84,8 +88,68 @@ def paired_means(s: dict, budget: int, method: str, ref: str, task: str) -> tupl
     return statistics.fmean(mine[k] for k in common), statistics.fmean(theirs[k] for k in common)
 
 
+def choose_lr(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[tuple, dict[str, Any]]]:
+    """Keep, for each (task, budget, method) run at more than one learning rate, the rows of the rate with the
+    lowest mean selection loss over the seeds every rate ran (all its seeds if they share none). Returns the
+    kept rows and, per such group, {"chosen": lr, "grid": {lr: (mean dev value, mean selection loss, seeds)}}.
+    Rows without a selection loss (runs before it was recorded) are never chosen."""
+    done = [r for r in rows if "score" in r and "error" not in r and "skipped" not in r]
+    groups: dict[tuple, dict[float, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for r in done:
+        groups[(r["task"], r["budget"], r["method"])][r["lr"]][r["seed"]] = r
+    drop: set[int] = set()
+    grid: dict[tuple, dict[str, Any]] = {}
+    for key, by_lr in groups.items():
+        if len(by_lr) < 2:
+            continue
+        eligible = {lr: seeds for lr, seeds in by_lr.items()
+                    if all(r["metrics"].get("select_loss") is not None for r in seeds.values())}
+        if not eligible:
+            continue
+        common = set.intersection(*(set(seeds) for seeds in eligible.values()))
+
+        def sel(lr: float) -> float:
+            seeds = eligible[lr]
+            return statistics.fmean(seeds[k]["metrics"]["select_loss"] for k in (common or seeds))
+
+        chosen = min(eligible, key=sel)
+        grid[key] = {"chosen": chosen, "grid": {
+            lr: (statistics.fmean(_value(r, "task") for r in seeds.values()),
+                 sel(lr) if lr in eligible else None, len(seeds)) for lr, seeds in sorted(by_lr.items())}}
+        drop.update(id(r) for lr, seeds in by_lr.items() if lr != chosen for r in seeds.values())
+    return [r for r in rows if id(r) not in drop], grid
+
+
+def _print_lr_grid(grid: dict[tuple, dict[str, Any]], markdown: bool) -> None:
+    lrs = sorted({lr for g in grid.values() for lr in g["grid"]})
+    head = ["task", "budget", "method", *[f"lr {lr:g}" for lr in lrs], "chosen"]
+    table = []
+    for (task, budget, method), g in sorted(grid.items(), key=lambda kv: (TASK_ORDER.index(kv[0][0]), kv[0][1],
+                                                                         _method_rank(kv[0][2]))):
+        digits = 3 if task in LM_TASKS else 1
+        cells = [task, f"r{budget}", method]
+        for lr in lrs:
+            cell = g["grid"].get(lr)
+            if cell is None:
+                cells.append("-")
+                continue
+            value, sel, n = cell
+            mark = "**" if markdown and lr == g["chosen"] else ""
+            cells.append(f"{mark}{value:.{digits}f}{mark} / " + ("-" if sel is None else f"{sel:.3f}") + f" ({n})")
+        edge = " (grid edge)" if g["chosen"] in (min(g["grid"]), max(g["grid"])) else ""
+        cells.append(f"{g['chosen']:g}{edge}")
+        table.append(cells)
+    print("\nLearning-rate grid: dev value / selection loss on held-out training rows (seeds); each method keeps "
+          "the rate with the lowest selection loss")
+    _print_table(head, table, markdown)
+
+
 def print_report(rows: list[dict[str, Any]], markdown: bool = False, metric: str = "task") -> dict[str, Any]:
+    rows, grid = choose_lr(rows)
+    if grid:
+        _print_lr_grid(grid, markdown)
     s = summarize(rows, metric)
+    s["lr_grid"] = grid
     if not s["budgets"]:
         print("No finished rows.")
         return s
@@ -116,17 +180,18 @@ def print_report(rows: list[dict[str, Any]], markdown: bool = False, metric: str
         print(f"error: {r['task']} {r['method']} r{r['budget']} seed {r['seed']}: {r['error']}")
     if s["skipped"]:
         print(f"{len(s['skipped'])} row(s) skipped by the time limit.")
-    mixed = mixed_settings(rows)
+    mixed = mixed_settings(rows, ignore=("lr",) if grid else ())
     if mixed:
         print(f"warning: these rows were trained with different {', '.join(mixed)} (an --out file that already "
               "held rows of another run?): the means above mix them. Pass a new --out, or --report one file per run.")
     return s
 
 
-def mixed_settings(rows: list[dict[str, Any]]) -> list[str]:
-    """The training settings that differ between the finished rows of one task (steps, lr, batch size)."""
+def mixed_settings(rows: list[dict[str, Any]], ignore: tuple[str, ...] = ()) -> list[str]:
+    """The training settings that differ between the finished rows of one task (steps, lr, batch size), less
+    `ignore` (the learning rate, once a grid chose one per method)."""
     done = [r for r in rows if "score" in r]
-    return [key for key in ("steps", "lr", "batch_size")
+    return [key for key in ("steps", "lr", "batch_size") if key not in ignore
             if any(len({r.get(key) for r in done if r["task"] == t}) > 1 for t in {r["task"] for r in done})]
 
 

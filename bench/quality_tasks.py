@@ -251,13 +251,16 @@ LM_EVAL_ROWS = 8  # evaluation batch of the language-model task
 
 
 @torch.no_grad()
-def evaluate(model, task: Task, pad_id: int, device, batch_size: int) -> dict[str, float]:
-    """Scores on the dev rows, x100 for classification metrics; `score` is the one the table shows."""
+def evaluate(model, task: Task, pad_id: int, device, batch_size: int,
+             rows: list[dict[str, Any]] | None = None) -> dict[str, float]:
+    """Scores on the dev rows (or on `rows`), x100 for classification metrics; `score` is the one the table
+    shows."""
     model.eval()
+    rows = task.dev if rows is None else rows
     if task.kind == "cls":
         pred, gold, nll = [], [], 0.0
-        for i in range(0, len(task.dev), batch_size):
-            batch = collate(task.dev[i:i + batch_size], pad_id, device)
+        for i in range(0, len(rows), batch_size):
+            batch = collate(rows[i:i + batch_size], pad_id, device)
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # (batch, labels)
             pred += logits.argmax(-1).tolist()
             gold += batch["labels"].tolist()
@@ -270,8 +273,8 @@ def evaluate(model, task: Task, pad_id: int, device, batch_size: int) -> dict[st
         return out
     total, count = 0.0, 0
     batch_size = min(batch_size, LM_EVAL_ROWS)  # (rows, seq, vocab 49k) logits: 64 rows x 256 tokens = 3 GB in fp32
-    for i in range(0, len(task.dev), batch_size):
-        batch = collate(task.dev[i:i + batch_size], pad_id, device)
+    for i in range(0, len(rows), batch_size):
+        batch = collate(rows[i:i + batch_size], pad_id, device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         target = batch["labels"][:, 1:]  # position t predicts token t+1
         scored = target != -100  # only the answer tokens: (n,) rows of the vocabulary, not the whole sequence
@@ -280,6 +283,13 @@ def evaluate(model, task: Task, pad_id: int, device, batch_size: int) -> dict[st
         count += int(scored.sum())
     loss = total / max(count, 1)
     return {"loss": loss, "score": -loss}
+
+
+def selection_loss(model, task: Task, pad_id: int, device, batch_size: int) -> float:
+    """Mean loss on the held-out TRAINING rows: what a learning-rate grid is chosen on, so that the dev set the
+    tables report is never used to choose anything."""
+    metrics = evaluate(model, task, pad_id, device, batch_size, rows=task.heldout)
+    return metrics["dev_loss"] if task.kind == "cls" else metrics["loss"]
 
 
 # ---- models -------------------------------------------------------------------------------------------

@@ -48,9 +48,12 @@ def test_presets_set_steps_and_learning_rate_and_flags_override_them():
     from bench.quality import parse_args
 
     full, quick = parse_args([]), parse_args(["--quick"])
-    assert (full.steps, full.lr, full.tasks) == ("1000", 5e-4, ["sst2", "cola", "rte", "mrpc"])
-    assert (quick.steps, quick.lr, quick.tasks) == ("100", 1e-3, ["sst2"])
-    assert parse_args(["--quick", "--lr", "2e-4"]).lr == 2e-4
+    assert (full.steps, full.lr, full.tasks) == ("1000", [5e-4], ["sst2", "cola", "rte", "mrpc"])
+    assert (quick.steps, quick.lr, quick.tasks) == ("100", [1e-3], ["sst2"])
+    assert parse_args(["--quick", "--lr", "2e-4"]).lr == [2e-4]
+    assert parse_args(["--lr", "2e-3,4e-3"]).lr == [2e-3, 4e-3]
+    with pytest.raises(SystemExit):
+        parse_args(["--lr", "fast"])
 
 
 def test_report_warns_when_one_file_mixes_runs(capsys):
@@ -176,3 +179,33 @@ def test_report_compares_over_shared_seeds_and_scores_classification_by_dev_loss
     assert s["scores"][(2, "fixed", "rte")] == [0.70, 0.60]
     with pytest.raises(ValueError, match="metric='f1'"):
         print_report(rows, metric="f1")
+
+
+def test_lr_grid_keeps_each_methods_rate_with_the_lowest_selection_loss(capsys):
+    sys.path.insert(0, str(ROOT))
+    from bench.quality_report import choose_lr, print_report
+
+    base = {"task": "gsm8k", "budget": 2, "steps": 10, "batch_size": 8, "params": 10, "wall_s": 1.0}
+
+    def row(method, lr, seed, dev, sel):
+        return {**base, "method": method, "lr": lr, "seed": seed, "score": -dev,
+                "metrics": {"loss": dev, "score": -dev, "select_loss": sel}}
+
+    # fixed is best at 2e-3 by its selection loss although its dev loss is lower at 4e-3: the dev set chooses
+    # nothing. sora is best at 4e-3; its seed 1 at 2e-3 is missing, so the choice is over seed 0 only.
+    rows = [row("fixed", 2e-3, 0, 0.82, 0.50), row("fixed", 2e-3, 1, 0.84, 0.52),
+            row("fixed", 4e-3, 0, 0.80, 0.55), row("fixed", 4e-3, 1, 0.80, 0.56),
+            row("sora", 2e-3, 0, 0.83, 0.60), row("sora", 4e-3, 0, 0.81, 0.40), row("sora", 4e-3, 1, 0.79, 0.70)]
+    kept, grid = choose_lr(rows)
+    assert grid[("gsm8k", 2, "fixed")]["chosen"] == 2e-3
+    assert grid[("gsm8k", 2, "sora")]["chosen"] == 4e-3, "compared over seed 0, the seed both rates ran"
+    assert sorted((r["method"], r["lr"], r["seed"]) for r in kept) == [
+        ("fixed", 2e-3, 0), ("fixed", 2e-3, 1), ("sora", 4e-3, 0), ("sora", 4e-3, 1)]
+    s = print_report(rows)
+    out = capsys.readouterr().out
+    assert "Learning-rate grid" in out and "warning" not in out, "a grid is not a mix of runs"
+    assert s["scores"][(2, "sora", "gsm8k")] == [0.81, 0.79]
+    assert [ln for ln in out.splitlines() if ln.startswith("sora")][-1].split()[-2] == "1/1", "0.80 < 0.83"
+    # rows recorded before the selection loss existed are never chosen, and alone they are left as they were
+    old = [{**r, "metrics": {"loss": r["metrics"]["loss"]}} for r in rows]
+    assert choose_lr(old) == (old, {})
