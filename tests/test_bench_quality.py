@@ -33,6 +33,13 @@ def test_smallest_configuration_prints_table(tmp_path, capsys):
     assert rows[0]["params"] == rows[1]["params"] == rows[0]["budget_params"] == 2 * 6 * (4 * 768 + 2 * 1920)
     printed = capsys.readouterr().out
     assert "SST-2 acc" in printed and "peft-lora" in printed and "beats fixed" in printed
+    # --resume runs only the rows the file does not hold yet: here the second learning rate
+    main(["--tasks", "sst2", "--methods", "fixed,peft-lora", "--budgets", "2", "--seeds", "0", "--steps", "5",
+          "--batch-size", "4", "--max-length", "32", "--train-samples", "64", "--eval-samples", "16",
+          "--threads", "1", "--out", str(out), "--lr", "5e-4,1e-3", "--resume"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["method"], r["lr"]) for r in rows[2:]] == [("fixed", 1e-3), ("peft-lora", 1e-3)]
+    assert "--resume: 2 of 4 rows already" in capsys.readouterr().out
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):
