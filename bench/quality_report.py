@@ -126,7 +126,7 @@ def _print_lr_grid(grid: dict[tuple, dict[str, Any]], markdown: bool) -> None:
     table = []
     for (task, budget, method), g in sorted(grid.items(), key=lambda kv: (TASK_ORDER.index(kv[0][0]), kv[0][1],
                                                                          _method_rank(kv[0][2]))):
-        digits = 3 if task in LM_TASKS else 1
+        digits = 4 if task in LM_TASKS else 1  # the rates of one method differ in the third decimal
         cells = [task, f"r{budget}", method]
         for lr in lrs:
             cell = g["grid"].get(lr)
