@@ -217,10 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"need ~{total / cap:.0f} GiB each on this {total:.0f} GiB GPU", flush=True)
             args.workers = cap
     if args.resume and out.is_file():
-        done = {_row_key(json.loads(line)) for line in out.read_text().splitlines() if line.strip()}
-        done = {key for key in done if key is not None}
+        held = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+        done = {_row_key(r) for r in held if "score" in r}  # errored or skipped rows run again
         before = len(jobs)
-        jobs = [job for job in jobs if _row_key({**job, "steps": args.steps, "score": 0}) not in done]
+        jobs = [job for job in jobs if _row_key({**job, "steps": args.steps}) not in done]
         print(f"# --resume: {before - len(jobs)} of {before} rows already in {out}", flush=True)
     import peft
     import transformers
@@ -272,10 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _row_key(row: dict[str, Any]) -> tuple | None:
-    """What identifies a finished row for --resume (None: the row errored or was skipped)."""
-    if "score" not in row:
-        return None
+def _row_key(row: dict[str, Any]) -> tuple:
+    """What identifies a row for --resume (str: --steps is a string, a row's steps an int)."""
     return tuple(str(row.get(k)) for k in ("task", "method", "budget", "seed", "lr", "steps"))
 
 
